@@ -1,0 +1,62 @@
+"""Orbax checkpoints of a run: train state (params, optimizer, outer optimizer) plus a JSON
+`meta` item (step, round, data iterator position, model config), in WORKDIR/checkpoints.
+
+Orbax writes each step into a temporary folder and renames it when complete, so a crash at any
+point leaves the previous checkpoints usable.
+"""
+
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+from twist_jax.errors import DataError
+
+
+def manager(workdir: str, keep: int = 2, *, best_fn=None) -> ocp.CheckpointManager:
+  """Manager keeping the `keep` most recent steps (and, with `best_fn`, the best one too)."""
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, create=True, enable_async_checkpointing=False,
+      best_fn=best_fn, best_mode="min", keep_checkpoints_without_metrics=True)
+  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
+                               options=options)
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict, metrics=None) -> None:
+  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                          meta=ocp.args.JsonSave(meta)), metrics=metrics,
+            force=True)
+  mngr.wait_until_finished()
+
+
+def restore(mngr: ocp.CheckpointManager, step: int, like_state):
+  """(state, meta) at `step`, restored into the shapes/shardings of `like_state`."""
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like_state)
+  try:
+    out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                     meta=ocp.args.JsonRestore()))
+  except (ValueError, KeyError, OSError, TypeError) as e:
+    raise DataError(f"checkpoint {mngr.directory}/{step} is unreadable or does not match this "
+                    f"config ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+  return out.state, out.meta
+
+
+def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
+  return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+
+def latest_params(workdir: str):
+  """Params of another run's latest checkpoint (for `init.from_run`), plus its meta."""
+  path = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(path):
+    raise DataError(f"init.from_run: no checkpoints in {workdir!r}")
+  mngr = ocp.CheckpointManager(os.path.abspath(path))
+  step = mngr.latest_step()
+  if step is None:
+    raise DataError(f"init.from_run: no complete checkpoint in {path!r}")
+  try:
+    out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                     meta=ocp.args.JsonRestore()))
+  except (ValueError, KeyError, OSError, TypeError) as e:
+    raise DataError(f"init.from_run: checkpoint {path}/{step} is unreadable ({e})") from e
+  return out.state["params"], out.meta

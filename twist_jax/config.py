@@ -1,0 +1,344 @@
+"""Experiment configuration: the default ConfigDict and its validated, frozen form.
+
+Experiments (`experiments/*.py`) start from `default_config()` and override fields; the trainer
+converts the result once with `from_configdict`, which checks every field and raises
+`ConfigError` naming the field and what is allowed.
+"""
+
+import dataclasses
+import math
+from typing import Any
+
+import ml_collections
+
+from twist_jax.errors import ConfigError
+from twist_jax.model import ATTENTION_IMPLS, DTYPES, ModelConfig
+
+MODES = ("attn", "mlp", "attn_mlp", "blocks")
+SAMPLERS = ("cover", "uniform", "partition")
+CORRECTIONS = ("none", "mean", "norm")
+VARIANTS = ("ddp", "true", "masked", "hybrid")
+OPT_STATES = ("slice", "reset")
+OPTIMIZERS = ("adamw", "sgd")
+HEURISTICS = ("random", "first", "best_of_k", "magnitude")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every field with its default; experiments override what they need."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # root seed: init, data order and subnet samples all derive from it
+  c.steps = 600  # optimizer steps per worker (a round is twist.local_steps of them)
+
+  c.model = m = ml_collections.ConfigDict()
+  m.n_layer = 4  # N
+  m.n_head = 8  # H
+  m.n_embd = 128  # D
+  m.n_inner = 0  # F; 0 means 4 * n_embd
+  m.context = 128  # L: training window and model positions
+  m.dtype = "float32"  # compute dtype (float32 | bfloat16); params are float32
+  m.attention = "xla"  # xla | cudnn (GPU flash attention) | auto
+
+  c.subnet = s = ml_collections.ConfigDict()
+  s.mode = "attn"  # attn | mlp | attn_mlp | blocks (DESIGN.md section 2)
+  s.kappa = 0.5  # keep ratio, a float or one per layer (tuple)
+  s.shared_layers = ()  # blocks never partitioned (the paper: first and last two)
+  s.sampler = "cover"  # cover | uniform | partition (DESIGN.md section 3)
+  s.correction = "mean"  # none | mean | norm: activation-shift correction (section 4)
+
+  c.twist = t = ml_collections.ConfigDict()
+  t.variant = "ddp"  # ddp | true | masked | hybrid
+  t.workers = 4  # S (W): subnets / data-parallel shards per round
+  t.local_steps = 15  # R: steps between aggregations (DDP: steps per compiled call)
+  t.opt_state = "slice"  # slice: Adam moments aggregated like params | reset each round
+  t.outer_lr = 1.0  # outer optimizer on (central - masked mean); 1 and 0 momentum = plain TwIST
+  t.outer_momentum = 0.0  # Nesterov momentum of the outer SGD (DiLoCo uses 0.9)
+  t.devices = 0  # devices of the worker mesh; 0 means all local devices
+
+  c.opt = o = ml_collections.ConfigDict()
+  o.name = "adamw"  # adamw | sgd
+  o.lr = 3e-3  # peak learning rate
+  o.warmup_steps = 50
+  o.min_lr_ratio = 0.1  # cosine decays to lr * min_lr_ratio at the last step
+  o.weight_decay = 0.1  # on matrices (ndim >= 2) only
+  o.b1 = 0.9
+  o.b2 = 0.95
+  o.eps = 1e-8
+  o.grad_clip = 1.0  # global-norm clip per worker step; 0 disables
+
+  c.data = d = ml_collections.ConfigDict()
+  d.name = "python_docs"  # python_docs | text_files | wikitext2 | wikitext103 | tfds:NAME
+  d.tokenizer = "bytes"  # bytes | gpt2 | bpe
+  d.bpe_vocab_size = 4096
+  d.data_dir = ""  # cache root; '' = $TWIST_DATA_DIR or ~/.cache/twist_jax
+  d.files = ""  # glob, for text_files
+  d.val_fraction = 0.05
+  d.manual_dir = ""  # folder holding a downloaded archive (wikitext)
+  d.text_feature = "text"  # tfds catalog datasets
+  d.max_train_bytes = 0  # 0 = whole training split
+  d.batch_size = 8  # per worker per step
+
+  c.eval = e = ml_collections.ConfigDict()
+  e.every = 150  # steps between validations (at the end of the round that crosses it)
+  e.max_windows = 256  # validation windows (of context + 1 tokens); 0 = all
+  e.batch_size = 32
+
+  c.ckpt = k = ml_collections.ConfigDict()
+  k.every = 300  # steps between checkpoints (and one at the end)
+  k.keep = 2  # most recent checkpoints kept
+
+  c.log = g = ml_collections.ConfigDict()
+  g.every = 1  # rounds between metrics lines
+  g.progress = True  # tqdm progress bar
+
+  c.init = i = ml_collections.ConfigDict()
+  i.from_run = ""  # workdir of another run: start from its latest params
+  i.hf = ""  # Hugging Face GPT-2: hub id or local folder
+  return c
+
+
+# ---- frozen, validated form -------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SubnetConfig:
+  mode: str
+  kappa: tuple[float, ...]  # one per layer
+  shared_layers: tuple[int, ...]
+  sampler: str
+  correction: str
+
+
+@dataclasses.dataclass(frozen=True)
+class TwistConfig:
+  variant: str
+  workers: int
+  local_steps: int
+  opt_state: str
+  outer_lr: float
+  outer_momentum: float
+  devices: int
+
+
+@dataclasses.dataclass(frozen=True)
+class OptConfig:
+  name: str
+  lr: float
+  warmup_steps: int
+  min_lr_ratio: float
+  weight_decay: float
+  b1: float
+  b2: float
+  eps: float
+  grad_clip: float
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  name: str
+  tokenizer: str
+  bpe_vocab_size: int
+  data_dir: str
+  files: str
+  val_fraction: float
+  manual_dir: str
+  text_feature: str
+  max_train_bytes: int
+  batch_size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  every: int
+  max_windows: int
+  batch_size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class CkptConfig:
+  every: int
+  keep: int
+
+
+@dataclasses.dataclass(frozen=True)
+class LogConfig:
+  every: int
+  progress: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class InitConfig:
+  from_run: str
+  hf: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  n_layer: int
+  n_head: int
+  n_embd: int
+  n_inner: int
+  context: int
+  dtype: str
+  attention: str
+
+  def model_config(self, vocab_size: int) -> ModelConfig:
+    return ModelConfig.uniform(n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd,
+                               n_inner=self.n_inner or None, vocab_size=vocab_size,
+                               n_positions=self.context, dtype=self.dtype,
+                               attention=self.attention)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  seed: int
+  steps: int
+  model: ModelSpec
+  subnet: SubnetConfig
+  twist: TwistConfig
+  opt: OptConfig
+  data: DataConfig
+  eval: EvalConfig
+  ckpt: CkptConfig
+  log: LogConfig
+  init: InitConfig
+
+  @property
+  def num_rounds(self) -> int:
+    return self.steps // self.twist.local_steps
+
+
+def _choice(field, value, allowed):
+  if value not in allowed:
+    raise ConfigError(field, f"got {value!r}; allowed: {', '.join(allowed)}")
+
+
+def _positive(field, value, *, allow_zero=False):
+  ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+      value >= 0 if allow_zero else value > 0)
+  if not ok:
+    raise ConfigError(field, f"got {value!r}; must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def _int(field, value, *, allow_zero=False):
+  if not isinstance(value, int) or isinstance(value, bool):
+    raise ConfigError(field, f"got {value!r}; must be an integer")
+  _positive(field, value, allow_zero=allow_zero)
+
+
+def _kappas(value, n_layer) -> tuple[float, ...]:
+  kappas = tuple(value) if isinstance(value, (tuple, list)) else (value,) * n_layer
+  if len(kappas) != n_layer:
+    raise ConfigError("subnet.kappa", f"got {len(kappas)} values; need 1 or n_layer={n_layer}")
+  for k in kappas:
+    if not isinstance(k, (int, float)) or isinstance(k, bool) or not 0 < k <= 1:
+      raise ConfigError("subnet.kappa", f"got {k!r}; each ratio must be in (0, 1]")
+  return tuple(float(k) for k in kappas)
+
+
+def _section(cls, d: ml_collections.ConfigDict, name: str):
+  fields = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(d.keys()) - fields)
+  if unknown:
+    raise ConfigError(f"{name}.{unknown[0]}", f"unknown field; known: {', '.join(sorted(fields))}")
+  return cls(**{k: d[k] for k in fields})
+
+
+def from_configdict(c: ml_collections.ConfigDict) -> Config:
+  """Validates `c` and returns the frozen Config (raises ConfigError)."""
+  c = ml_collections.ConfigDict(c.to_dict())  # a private copy
+  m = _section(ModelSpec, c.model, "model")
+  for f in ("n_layer", "n_head", "n_embd", "context"):
+    _int(f"model.{f}", getattr(m, f))
+  _int("model.n_inner", m.n_inner, allow_zero=True)
+  if m.n_embd % m.n_head:
+    raise ConfigError("model.n_head", f"n_embd={m.n_embd} must be divisible by n_head={m.n_head}")
+  _choice("model.dtype", m.dtype, DTYPES)
+  _choice("model.attention", m.attention, ATTENTION_IMPLS)
+
+  s = c.subnet
+  _choice("subnet.mode", s.mode, MODES)
+  _choice("subnet.sampler", s.sampler, SAMPLERS)
+  _choice("subnet.correction", s.correction, CORRECTIONS)
+  shared = tuple(int(i) for i in s.shared_layers)
+  for i in shared:
+    if not 0 <= i < m.n_layer:
+      raise ConfigError("subnet.shared_layers", f"layer {i} is outside 0..{m.n_layer - 1}")
+  s = SubnetConfig(s.mode, _kappas(s.kappa, m.n_layer), tuple(sorted(set(shared))), s.sampler,
+                   s.correction)
+
+  t = _section(TwistConfig, c.twist, "twist")
+  _choice("twist.variant", t.variant, VARIANTS)
+  _choice("twist.opt_state", t.opt_state, OPT_STATES)
+  _int("twist.workers", t.workers)
+  _int("twist.local_steps", t.local_steps)
+  _int("twist.devices", t.devices, allow_zero=True)
+  _positive("twist.outer_lr", t.outer_lr)
+  if not 0 <= t.outer_momentum < 1:
+    raise ConfigError("twist.outer_momentum", f"got {t.outer_momentum!r}; must be in [0, 1)")
+
+  o = _section(OptConfig, c.opt, "opt")
+  _choice("opt.name", o.name, OPTIMIZERS)
+  _positive("opt.lr", o.lr)
+  _int("opt.warmup_steps", o.warmup_steps, allow_zero=True)
+  for f in ("min_lr_ratio", "weight_decay", "grad_clip", "eps"):
+    _positive(f"opt.{f}", getattr(o, f), allow_zero=True)
+  for f in ("b1", "b2"):
+    if not 0 <= getattr(o, f) < 1:
+      raise ConfigError(f"opt.{f}", f"got {getattr(o, f)!r}; must be in [0, 1)")
+
+  d = _section(DataConfig, c.data, "data")
+  _int("data.batch_size", d.batch_size)
+  if not 0 < d.val_fraction < 1:
+    raise ConfigError("data.val_fraction", f"got {d.val_fraction!r}; must be in (0, 1)")
+  _int("data.max_train_bytes", d.max_train_bytes, allow_zero=True)
+
+  e = _section(EvalConfig, c.eval, "eval")
+  _int("eval.every", e.every)
+  _int("eval.max_windows", e.max_windows, allow_zero=True)
+  _int("eval.batch_size", e.batch_size)
+  k = _section(CkptConfig, c.ckpt, "ckpt")
+  _int("ckpt.every", k.every)
+  _int("ckpt.keep", k.keep)
+  g = _section(LogConfig, c.log, "log")
+  _int("log.every", g.every)
+  i = _section(InitConfig, c.init, "init")
+  if i.from_run and i.hf:
+    raise ConfigError("init", "set at most one of init.from_run and init.hf")
+
+  _int("steps", c.steps)
+  if c.steps % t.local_steps:
+    raise ConfigError("steps", f"got {c.steps}; must be a multiple of twist.local_steps="
+                      f"{t.local_steps}")
+  known = {"seed", "steps", "model", "subnet", "twist", "opt", "data", "eval", "ckpt", "log",
+           "init"}
+  unknown = sorted(set(c.keys()) - known)
+  if unknown:
+    raise ConfigError(unknown[0], f"unknown field; known: {', '.join(sorted(known))}")
+  cfg = Config(int(c.seed), int(c.steps), m, s, t, o, d, e, k, g, i)
+  _check_subnet_sizes(cfg)
+  return cfg
+
+
+def _check_subnet_sizes(cfg: Config) -> None:
+  """Every partitioned layer keeps >= 1 unit; `partition` needs kappa * S == 1 exactly."""
+  if cfg.twist.variant == "ddp":
+    return
+  from twist_jax import subnets  # local import: subnets imports this module's dataclasses
+
+  subnets.make_spec(cfg.model.model_config(256), cfg.subnet, cfg.twist.workers)
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+  """JSON-ready dict of the resolved config (written to WORKDIR/config.json)."""
+  return dataclasses.asdict(cfg)
+
+
+def lr_at(opt: OptConfig, total_steps: int, step):
+  """Warmup then cosine decay to lr * min_lr_ratio; `step` may be traced."""
+  import jax.numpy as jnp
+
+  step = jnp.asarray(step, jnp.float32)
+  warm = opt.lr * (step + 1) / max(opt.warmup_steps, 1)
+  frac = jnp.clip((step - opt.warmup_steps) / max(total_steps - opt.warmup_steps, 1), 0, 1)
+  cos = opt.min_lr_ratio + (1 - opt.min_lr_ratio) * 0.5 * (1 + jnp.cos(math.pi * frac))
+  return jnp.where(step < opt.warmup_steps, warm, opt.lr * cos)

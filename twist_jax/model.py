@@ -1,0 +1,218 @@
+"""GPT-2 as a linen module with Hugging Face parameter names and per-layer widths.
+
+The model knows nothing of workers: a TwIST subnet is the same module built with fewer heads,
+a narrower MLP or fewer blocks, optionally with unit gates (`masks`) for the Masked variant.
+
+Dimension alphabet: B batch, L length, D model width, H heads, K head dim, F MLP width,
+V vocab, N layers, P positions.
+"""
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+ATTENTION_IMPLS = ("xla", "cudnn", "auto")
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Static shape of a (sub)model. Per-layer tuples have one entry per block."""
+
+  vocab_size: int = 256
+  n_positions: int = 128  # P: maximum context
+  n_embd: int = 64  # D
+  head_dim: int = 16  # K (D / H of the full model; kept when heads are dropped)
+  n_head: tuple[int, ...] = (4, 4)  # H per layer
+  n_inner: tuple[int, ...] = (256, 256)  # F per layer
+  # Activation-shift correction: multiplies each branch's output-projection kernel term.
+  attn_scale: tuple[float, ...] = (1.0, 1.0)
+  mlp_scale: tuple[float, ...] = (1.0, 1.0)
+  dtype: str = "float32"  # compute dtype; params stay float32
+  attention: str = "xla"  # xla | cudnn | auto (jax.nn.dot_product_attention implementation)
+  layer_norm_epsilon: float = 1e-5
+
+  @property
+  def n_layer(self) -> int:
+    return len(self.n_head)
+
+  @classmethod
+  def uniform(cls, *, n_layer: int, n_head: int, n_embd: int, n_inner: int | None = None,
+              **kw) -> "ModelConfig":
+    """A plain GPT-2 shape: every layer has H heads and F = n_inner (default 4D) units."""
+    if n_embd % n_head:
+      raise ValueError(f"n_embd={n_embd} is not divisible by n_head={n_head}")
+    f = n_inner or 4 * n_embd
+    return cls(n_embd=n_embd, head_dim=n_embd // n_head, n_head=(n_head,) * n_layer,
+               n_inner=(f,) * n_layer, attn_scale=(1.0,) * n_layer,
+               mlp_scale=(1.0,) * n_layer, **kw)
+
+  def replace(self, **kw) -> "ModelConfig":
+    return dataclasses.replace(self, **kw)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+    tuples = ("n_head", "n_inner", "attn_scale", "mlp_scale")
+    return cls(**{k: tuple(v) if k in tuples else v for k, v in d.items()})
+
+  def num_params(self) -> int:
+    """Parameter count (tied head counted once)."""
+    d = self.n_embd
+    total = (self.vocab_size + self.n_positions) * d + 2 * d  # wte, wpe, ln_f
+    for h, f in zip(self.n_head, self.n_inner):
+      hk = h * self.head_dim
+      total += 4 * d  # ln_1, ln_2
+      total += d * 3 * hk + 3 * hk + hk * d + d  # attention
+      total += d * f + f + f * d + d  # mlp
+    return total
+
+
+def _init(std):
+  return nn.initializers.normal(stddev=std)
+
+
+class Linear(nn.Module):
+  """y = scale * (x @ kernel) + bias: the scale (correction) touches the kernel term only."""
+
+  features: int
+  dtype: Any = jnp.float32
+  kernel_std: float = 0.02
+
+  @nn.compact
+  def __call__(self, x, scale: float = 1.0):
+    kernel = self.param("kernel", _init(self.kernel_std), (x.shape[-1], self.features))
+    bias = self.param("bias", nn.initializers.zeros, (self.features,))
+    y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+    if scale != 1.0:
+      y = y * jnp.asarray(scale, self.dtype)
+    return y + bias.astype(self.dtype).reshape((1,) * (y.ndim - 1) + (-1,))
+
+
+class Attention(nn.Module):
+  """Causal multi-head self-attention with H heads of width K; `head_mask` gates heads."""
+
+  n_head: int
+  head_dim: int
+  n_embd: int
+  proj_std: float
+  scale: float = 1.0
+  dtype: Any = jnp.float32
+  implementation: str = "xla"
+
+  @nn.compact
+  def __call__(self, x_BxLxD, head_mask_H=None):
+    b, l, _ = x_BxLxD.shape
+    h, k = self.n_head, self.head_dim
+    qkv = Linear(3 * h * k, self.dtype, name="c_attn")(x_BxLxD)
+    # HF layout: columns are [q | k | v], each H blocks of K.
+    q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = jnp.split(qkv.reshape(b, l, 3, h, k), 3, axis=2)
+    impl = None if self.implementation == "auto" else self.implementation
+    out_BxLxHxK = jax.nn.dot_product_attention(
+        q_BxLxHxK[:, :, 0], k_BxLxHxK[:, :, 0], v_BxLxHxK[:, :, 0],
+        is_causal=True, implementation=impl)
+    if head_mask_H is not None:
+      out_BxLxHxK = out_BxLxHxK * head_mask_H.astype(self.dtype)[None, None, :, None]
+    out_BxLxD = Linear(self.n_embd, self.dtype, self.proj_std, name="c_proj")(
+        out_BxLxHxK.reshape(b, l, h * k), self.scale)
+    return out_BxLxD
+
+
+class MLP(nn.Module):
+  """GELU (tanh approximation, as GPT-2) MLP of width F; `unit_mask` gates hidden units."""
+
+  n_inner: int
+  n_embd: int
+  proj_std: float
+  scale: float = 1.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxLxD, unit_mask_F=None):
+    h_BxLxF = jax.nn.gelu(Linear(self.n_inner, self.dtype, name="c_fc")(x_BxLxD), approximate=True)
+    if unit_mask_F is not None:
+      h_BxLxF = h_BxLxF * unit_mask_F.astype(self.dtype)[None, None, :]
+    return Linear(self.n_embd, self.dtype, self.proj_std, name="c_proj")(h_BxLxF, self.scale)
+
+
+class Block(nn.Module):
+  """Pre-LN transformer block; `block_mask` (a 0/1 scalar) switches both branches off."""
+
+  cfg: ModelConfig
+  layer: int
+
+  @nn.compact
+  def __call__(self, x_BxLxD, head_mask=None, unit_mask=None, block_mask=None):
+    cfg, i = self.cfg, self.layer
+    dtype = jnp.dtype(cfg.dtype)
+    proj_std = 0.02 / (2 * cfg.n_layer) ** 0.5  # GPT-2: residual projections scaled by depth
+    ln = lambda name: nn.LayerNorm(cfg.layer_norm_epsilon, dtype=dtype, name=name)
+    a = Attention(cfg.n_head[i], cfg.head_dim, cfg.n_embd, proj_std, cfg.attn_scale[i], dtype,
+                  cfg.attention, name="attn")(ln("ln_1")(x_BxLxD), head_mask)
+    if block_mask is not None:
+      a = a * block_mask.astype(dtype)
+    x_BxLxD = x_BxLxD + a
+    m = MLP(cfg.n_inner[i], cfg.n_embd, proj_std, cfg.mlp_scale[i], dtype,
+            name="mlp")(ln("ln_2")(x_BxLxD), unit_mask)
+    if block_mask is not None:
+      m = m * block_mask.astype(dtype)
+    return x_BxLxD + m
+
+
+class GPT2(nn.Module):
+  """GPT-2 language model: tokens (B, L) -> logits (B, L, V) in float32.
+
+  `masks` (Masked variant) is an optional mapping with any of 'head' (N, H), 'unit' (N, F),
+  'block' (N,) holding 0/1 gates; a gated-off unit contributes exactly zero.
+  """
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BxL, masks: Mapping[str, Any] | None = None):
+    cfg = self.cfg
+    dtype = jnp.dtype(cfg.dtype)
+    masks = masks or {}
+    wte = nn.Embed(cfg.vocab_size, cfg.n_embd, embedding_init=_init(0.02), name="wte")
+    wpe = nn.Embed(cfg.n_positions, cfg.n_embd, embedding_init=_init(0.01), name="wpe")
+    pos_L = jnp.arange(tokens_BxL.shape[1])
+    x_BxLxD = (wte(tokens_BxL) + wpe(pos_L)[None]).astype(dtype)
+    for i in range(cfg.n_layer):
+      pick = lambda key: masks[key][i] if key in masks else None
+      x_BxLxD = Block(cfg, i, name=f"h_{i}")(x_BxLxD, pick("head"), pick("unit"), pick("block"))
+    x_BxLxD = nn.LayerNorm(cfg.layer_norm_epsilon, dtype=dtype, name="ln_f")(x_BxLxD)
+    return wte.attend(x_BxLxD.astype(dtype)).astype(jnp.float32)  # tied LM head
+
+
+def init_params(cfg: ModelConfig, key: jax.Array) -> dict:
+  """GPT-2 initialisation of a model of shape `cfg` (float32 params)."""
+  tokens = jnp.zeros((1, min(8, cfg.n_positions)), jnp.int32)
+  return GPT2(cfg).init(key, tokens)["params"]
+
+
+def next_token_nll(logits_BxLxV, targets_BxL):
+  """Per-token negative log-likelihood (B, L), float32."""
+  logp = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
+  return -jnp.take_along_axis(logp, targets_BxL[..., None], axis=-1)[..., 0]
+
+
+def lm_loss(params, cfg: ModelConfig, windows_BxLp1, masks=None):
+  """Mean next-token NLL of windows of L+1 tokens (inputs are the first L)."""
+  logits = GPT2(cfg).apply({"params": params}, windows_BxLp1[:, :-1], masks)
+  return next_token_nll(logits, windows_BxLp1[:, 1:]).mean()
+
+
+def flops_per_token(cfg: ModelConfig, context: int) -> float:
+  """Training FLOPs per token (forward + backward = 3x forward), with attention scores."""
+  d, fwd = cfg.n_embd, 0.0
+  for h, f in zip(cfg.n_head, cfg.n_inner):
+    hk = h * cfg.head_dim
+    fwd += 2 * (d * 3 * hk + hk * d + 2 * d * f)  # matmuls
+    fwd += 2 * 2 * context * hk / 2  # causal QK^T and AV, half the scores on average
+  fwd += 2 * d * cfg.vocab_size  # LM head
+  return 3.0 * fwd

@@ -1,0 +1,53 @@
+"""Device mesh and the worker map: `shard_map` over devices wrapping `vmap` over local workers.
+
+Everything that knows about devices lives here; the math (model, subnets, aggregation) does not.
+"""
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from twist_jax.errors import ConfigError
+
+AXIS = "worker"
+
+
+def device_count_for(workers: int, requested: int = 0, available: int | None = None) -> int:
+  """Devices of the worker mesh: `requested` (must divide W), or the most that divide W."""
+  available = available or jax.device_count()
+  if requested:
+    if requested > available:
+      raise ConfigError("twist.devices", f"got {requested}; only {available} devices are visible")
+    if workers % requested:
+      raise ConfigError("twist.devices", f"got {requested}; it must divide twist.workers={workers}")
+    return requested
+  return max(d for d in range(1, min(workers, available) + 1) if workers % d == 0)
+
+
+def make_mesh(num_devices: int, devices=None) -> Mesh:
+  """A 1-D mesh over `num_devices` devices (all processes' devices, in order)."""
+  devices = list(devices if devices is not None else jax.devices())[:num_devices]
+  return Mesh(np.array(devices), (AXIS,), axis_types=(AxisType.Auto,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def worker_sharded(mesh: Mesh) -> NamedSharding:
+  """Leading W axis split over the mesh."""
+  return NamedSharding(mesh, P(AXIS))
+
+
+def map_over_workers(fn, mesh: Mesh, in_axes, out_axes=0):
+  """Runs `fn` once per worker: shard_map over devices of vmap over each device's workers.
+
+  `in_axes` / `out_axes` follow vmap (0 = per-worker leading axis, None = broadcast); each
+  per-worker argument's leading axis W is split over the mesh, broadcast ones are replicated.
+  """
+  spec = lambda a: P() if a is None else P(AXIS)
+  in_specs = tuple(spec(a) for a in in_axes)
+  out_specs = (jax.tree.map(spec, out_axes, is_leaf=lambda x: x is None)
+               if isinstance(out_axes, tuple) else spec(out_axes))
+  return jax.shard_map(jax.vmap(fn, in_axes=in_axes, out_axes=out_axes), mesh=mesh,
+                       in_specs=in_specs, out_specs=out_specs, check_vma=False)

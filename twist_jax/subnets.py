@@ -1,0 +1,353 @@
+"""Structured subnets: static-size index pytrees, samplers, extract/scatter and unit masks.
+
+A subnet of one worker is a dict of int32 index arrays, `{'h_i': {'head': (Hs,), 'unit': (Fs,)}}`
+for the partitioned layers (attn / mlp / attn_mlp modes) or `{'blocks': (Ns,)}` (blocks mode).
+Sizes are static (from config); index *values* are data, so resampling never recompiles.
+Samplers return the same pytree with a leading worker axis W. No sharding code lives here.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from twist_jax.errors import ConfigError
+from twist_jax.model import ModelConfig
+
+# Where a unit lives inside a block's leaves: (leaf path, dim of the leaf that holds the
+# flattened (pre, U, post) axis, pre, post-multiplier) -- post is K for heads, 1 for MLP units.
+_HEAD_LEAVES = ((("attn", "c_attn", "kernel"), 1, 3), (("attn", "c_attn", "bias"), 0, 3),
+                (("attn", "c_proj", "kernel"), 0, 1))
+_UNIT_LEAVES = ((("mlp", "c_fc", "kernel"), 1, 1), (("mlp", "c_fc", "bias"), 0, 1),
+                (("mlp", "c_proj", "kernel"), 0, 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class SubnetSpec:
+  """Static description of the subnets of one run (all Python values)."""
+
+  mode: str
+  workers: int  # S
+  sampler: str
+  correction: str
+  head_dim: int  # K
+  n_head: tuple[int, ...]  # H per layer of the full model
+  n_inner: tuple[int, ...]  # F per layer of the full model
+  partitioned: tuple[int, ...]  # layer ids whose units (or which as blocks) are sampled
+  keep_head: tuple[int, ...]  # Hs per layer (H where heads are not partitioned)
+  keep_unit: tuple[int, ...]  # Fs per layer
+  keep_blocks: int  # Ns: partitioned blocks kept (blocks mode)
+
+  @property
+  def n_layer(self) -> int:
+    return len(self.n_head)
+
+  @property
+  def unit_kinds(self) -> tuple[str, ...]:
+    return {"attn": ("head",), "mlp": ("unit",), "attn_mlp": ("head", "unit"),
+            "blocks": ()}[self.mode]
+
+  def kept_layers(self) -> int:
+    return self.n_layer - len(self.partitioned) + self.keep_blocks
+
+
+def _keep(kappa: float, total: int) -> int:
+  return int(round(kappa * total))
+
+
+def make_spec(model: ModelConfig, subnet, workers: int) -> SubnetSpec:
+  """Builds the spec from the full model and a `config.SubnetConfig`; raises ConfigError."""
+  n = model.n_layer
+  kappas = tuple(subnet.kappa) if len(subnet.kappa) == n else (subnet.kappa[0],) * n
+  partitioned = tuple(i for i in range(n) if i not in subnet.shared_layers)
+  kinds = {"attn": ("head",), "mlp": ("unit",), "attn_mlp": ("head", "unit"),
+           "blocks": ()}[subnet.mode]
+  keep_head, keep_unit = list(model.n_head), list(model.n_inner)
+  for i in partitioned:
+    if "head" in kinds:
+      keep_head[i] = _keep(kappas[i], model.n_head[i])
+    if "unit" in kinds:
+      keep_unit[i] = _keep(kappas[i], model.n_inner[i])
+    if min(keep_head[i], keep_unit[i]) < 1:
+      raise ConfigError("subnet.kappa", f"kappa={kappas[i]} leaves layer {i} with zero units "
+                        f"(H={model.n_head[i]}, F={model.n_inner[i]}); raise kappa")
+  keep_blocks = 0
+  if subnet.mode == "blocks":
+    if len(set(model.n_head)) > 1 or len(set(model.n_inner)) > 1:
+      raise ConfigError("subnet.mode", "blocks mode needs equal widths in every layer")
+    keep_blocks = _keep(kappas[partitioned[0]] if partitioned else 1.0, len(partitioned))
+    if partitioned and keep_blocks < 1:
+      raise ConfigError("subnet.kappa", f"kappa keeps zero of {len(partitioned)} blocks")
+  spec = SubnetSpec(subnet.mode, workers, subnet.sampler, subnet.correction, model.head_dim,
+                    tuple(model.n_head), tuple(model.n_inner), partitioned, tuple(keep_head),
+                    tuple(keep_unit), keep_blocks)
+  if subnet.sampler == "partition":
+    for total, keep in _groups(spec):
+      if keep * workers != total:
+        raise ConfigError("subnet.sampler", f"'partition' needs kappa * workers == 1 exactly "
+                          f"(got {keep} of {total} units x {workers} workers)")
+  return spec
+
+
+def _groups(spec: SubnetSpec):
+  """(U, m) of every sampled unit group."""
+  if spec.mode == "blocks":
+    return [(len(spec.partitioned), spec.keep_blocks)] if spec.partitioned else []
+  out = []
+  for i in spec.partitioned:
+    if "head" in spec.unit_kinds:
+      out.append((spec.n_head[i], spec.keep_head[i]))
+    if "unit" in spec.unit_kinds:
+      out.append((spec.n_inner[i], spec.keep_unit[i]))
+  return out
+
+
+# ---- samplers -----------------------------------------------------------------------------------
+
+
+def _sample_group(key, sampler: str, num_units: int, keep: int, workers: int):
+  """(W, keep) sorted int32 unit indices for one unit group."""
+  k_perm, k_fill = jax.random.split(key)
+  u_WxU = jax.random.uniform(k_fill, (workers, num_units))
+  if sampler == "uniform":
+    priority_WxU = u_WxU  # top-k of i.i.d. uniforms = a uniformly random subset
+  else:
+    # cover / partition: deal a random permutation round-robin (each subnet gets <= keep), then
+    # fill each subnet's remaining quota uniformly from units it lacks (priority 2 > any fill).
+    dealt = min(num_units, workers * keep)
+    perm_U = jax.random.permutation(k_perm, num_units)
+    owner_U = jnp.full((num_units,), -1, jnp.int32).at[perm_U[:dealt]].set(
+        jnp.arange(dealt, dtype=jnp.int32) % workers)
+    mine_WxU = owner_U[None, :] == jnp.arange(workers, dtype=jnp.int32)[:, None]
+    priority_WxU = jnp.where(mine_WxU, 2.0, u_WxU)
+  _, idx_WxM = jax.lax.top_k(priority_WxU, keep)
+  return jnp.sort(idx_WxM, axis=-1).astype(jnp.int32)
+
+
+def sample_subnets(key: jax.Array, spec: SubnetSpec, workers: int | None = None):
+  """Index pytree with a leading W axis; deterministic in `key`."""
+  w = workers or spec.workers
+  if spec.mode == "blocks":
+    if not spec.partitioned:
+      return {"blocks": jnp.zeros((w, 0), jnp.int32)}
+    return {"blocks": _sample_group(key, spec.sampler, len(spec.partitioned), spec.keep_blocks, w)}
+  out = {}
+  for i in spec.partitioned:
+    layer = {}
+    if "head" in spec.unit_kinds:
+      layer["head"] = _sample_group(jax.random.fold_in(key, 2 * i), spec.sampler, spec.n_head[i],
+                                    spec.keep_head[i], w)
+    if "unit" in spec.unit_kinds:
+      layer["unit"] = _sample_group(jax.random.fold_in(key, 2 * i + 1), spec.sampler,
+                                    spec.n_inner[i], spec.keep_unit[i], w)
+    out[f"h_{i}"] = layer
+  return out
+
+
+def first_subnet(spec: SubnetSpec):
+  """The fixed-prefix subnet (deployment heuristic `first`), W = 1."""
+  return from_scores(_prefix_scores(spec), spec)
+
+
+def _prefix_scores(spec: SubnetSpec):
+  if spec.mode == "blocks":
+    return {"blocks": -np.arange(len(spec.partitioned), dtype=np.float32)}
+  return {f"h_{i}": {"head": -np.arange(spec.n_head[i], dtype=np.float32),
+                     "unit": -np.arange(spec.n_inner[i], dtype=np.float32)}
+          for i in spec.partitioned}
+
+
+def from_scores(scores, spec: SubnetSpec):
+  """W = 1 subnet keeping the highest-scoring units (structured pruning by a score)."""
+  def top(s, keep):
+    return np.sort(np.argsort(-np.asarray(s), kind="stable")[:keep]).astype(np.int32)[None]
+  if spec.mode == "blocks":
+    return {"blocks": jnp.asarray(top(scores["blocks"], spec.keep_blocks))}
+  out = {}
+  for i in spec.partitioned:
+    layer = {}
+    if "head" in spec.unit_kinds:
+      layer["head"] = jnp.asarray(top(scores[f"h_{i}"]["head"], spec.keep_head[i]))
+    if "unit" in spec.unit_kinds:
+      layer["unit"] = jnp.asarray(top(scores[f"h_{i}"]["unit"], spec.keep_unit[i]))
+    out[f"h_{i}"] = layer
+  return out
+
+
+# ---- model configs of subnets -------------------------------------------------------------------
+
+
+def correction_factor(total: int, kept: int, mode: str) -> float:
+  """c = (U/m)^p: p = 1 ('mean'), 1/2 ('norm'), 0 ('none'); DESIGN.md section 4."""
+  p = {"none": 0.0, "mean": 1.0, "norm": 0.5}[mode]
+  return float((total / kept) ** p)
+
+
+def _scales(spec: SubnetSpec):
+  attn = tuple(correction_factor(h, hs, spec.correction) for h, hs in
+               zip(spec.n_head, spec.keep_head))
+  mlp = tuple(correction_factor(f, fs, spec.correction) for f, fs in
+              zip(spec.n_inner, spec.keep_unit))
+  return attn, mlp
+
+
+def subnet_model_config(full: ModelConfig, spec: SubnetSpec) -> ModelConfig:
+  """Shape of the physical (True-variant) subnet model, correction scales included."""
+  attn, mlp = _scales(spec)
+  if spec.mode == "blocks":
+    n = spec.kept_layers()
+    return full.replace(n_head=full.n_head[:1] * n, n_inner=full.n_inner[:1] * n,
+                        attn_scale=(1.0,) * n, mlp_scale=(1.0,) * n)
+  return full.replace(n_head=spec.keep_head, n_inner=spec.keep_unit, attn_scale=attn,
+                      mlp_scale=mlp)
+
+
+def masked_model_config(full: ModelConfig, spec: SubnetSpec) -> ModelConfig:
+  """The full-width model with the subnet's correction scales (Masked variant)."""
+  if spec.mode == "blocks":
+    return full
+  attn, mlp = _scales(spec)
+  return full.replace(attn_scale=attn, mlp_scale=mlp)
+
+
+def unit_masks(subnet, spec: SubnetSpec):
+  """0/1 gates for `GPT2(masks=...)` from one worker's subnet (no W axis)."""
+  if spec.mode == "blocks":
+    block = jnp.ones((spec.n_layer,), jnp.float32)
+    if spec.partitioned:
+      part = jnp.asarray(spec.partitioned, jnp.int32)
+      block = block.at[part].set(0.0).at[part[subnet["blocks"]]].set(1.0)
+    return {"block": block}
+  masks = {}
+  for kind, sizes in (("head", spec.n_head), ("unit", spec.n_inner)):
+    if kind not in spec.unit_kinds:
+      continue
+    rows = [jnp.ones((u,), jnp.float32) for u in sizes]
+    for i in spec.partitioned:
+      rows[i] = jnp.zeros((sizes[i],), jnp.float32).at[subnet[f"h_{i}"][kind]].set(1.0)
+    masks[kind] = jnp.stack(rows)
+  return masks
+
+
+# ---- extract / scatter ---------------------------------------------------------------------------
+
+
+def _view(x, dim: int, pre: int, units: int):
+  """Reshape so that the unit axis is explicit; returns (view, unit axis)."""
+  post = x.shape[dim] // (pre * units)
+  return x.reshape(x.shape[:dim] + (pre, units, post) + x.shape[dim + 1:]), dim + 1
+
+
+def _get(tree, path):
+  for k in path:
+    tree = tree[k]
+  return tree
+
+
+def _set(tree, path, value):
+  """Copy of nested dict `tree` with `path` replaced (the input is not mutated)."""
+  if not path:
+    return value
+  out = dict(tree)
+  out[path[0]] = _set(tree[path[0]], path[1:], value)
+  return out
+
+
+def _leaf_rules(spec: SubnetSpec, layer: int):
+  """(path, dim, pre, total units, kind) for every unit-bearing leaf of a partitioned layer."""
+  rules = []
+  if "head" in spec.unit_kinds:
+    rules += [(p, d, pre, spec.n_head[layer], "head") for p, d, pre in _HEAD_LEAVES]
+  if "unit" in spec.unit_kinds:
+    rules += [(p, d, pre, spec.n_inner[layer], "unit") for p, d, pre in _UNIT_LEAVES]
+  return rules
+
+
+def _blocks_kept(subnet, spec: SubnetSpec):
+  """Sorted layer ids a blocks-mode subnet keeps (shared blocks included)."""
+  shared = [i for i in range(spec.n_layer) if i not in spec.partitioned]
+  part = jnp.asarray(spec.partitioned, jnp.int32)[subnet["blocks"]]
+  return jnp.sort(jnp.concatenate([jnp.asarray(shared, jnp.int32), part]))
+
+
+def _stack_blocks(tree, n):
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *[tree[f"h_{i}"] for i in range(n)])
+
+
+def extract_subnet(params, subnet, spec: SubnetSpec):
+  """Gathers one worker's smaller dense params (any params-shaped tree, e.g. Adam moments)."""
+  if spec.mode == "blocks":
+    kept = _blocks_kept(subnet, spec)
+    stacked = jax.tree.map(lambda x: x[kept], _stack_blocks(params, spec.n_layer))
+    out = {k: v for k, v in params.items() if not k.startswith("h_")}
+    for j in range(spec.kept_layers()):
+      out[f"h_{j}"] = jax.tree.map(lambda x, j=j: x[j], stacked)
+    return out
+  out = params
+  for i in spec.partitioned:
+    for path, dim, pre, total, kind in _leaf_rules(spec, i):
+      full = _get(params, (f"h_{i}",) + path)
+      idx = subnet[f"h_{i}"][kind]
+      view, axis = _view(full, dim, pre, total)
+      small = jnp.take(view, idx, axis=axis)
+      shape = full.shape[:dim] + (-1,) + full.shape[dim + 1:]
+      out = _set(out, (f"h_{i}",) + path, small.reshape(shape))
+  return out
+
+
+def scatter_subnet(small, subnet, spec: SubnetSpec, like):
+  """Inverse of extract: (full-shaped values with zeros elsewhere, 0/1 holder mask).
+
+  `like` is a full-shaped tree (only its shapes and dtypes are used).
+  """
+  if spec.mode == "blocks":
+    kept = _blocks_kept(subnet, spec)
+    small_stack = _stack_blocks(small, spec.kept_layers())
+    full_stack = _stack_blocks(like, spec.n_layer)
+    vals = jax.tree.map(lambda z, s: jnp.zeros_like(z).at[kept].set(s), full_stack, small_stack)
+    mask = jax.tree.map(lambda z: jnp.zeros_like(z).at[kept].set(1), full_stack)
+    out_v = {k: v for k, v in small.items() if not k.startswith("h_")}
+    out_m = {k: jax.tree.map(jnp.ones_like, v) for k, v in out_v.items()}
+    for i in range(spec.n_layer):
+      out_v[f"h_{i}"] = jax.tree.map(lambda x, i=i: x[i], vals)
+      out_m[f"h_{i}"] = jax.tree.map(lambda x, i=i: x[i], mask)
+    return out_v, out_m
+  vals, mask = small, jax.tree.map(jnp.ones_like, small)
+  for i in spec.partitioned:
+    for path, dim, pre, total, kind in _leaf_rules(spec, i):
+      full = _get(like, (f"h_{i}",) + path)
+      idx = subnet[f"h_{i}"][kind]
+      s_view, axis = _view(_get(small, (f"h_{i}",) + path), dim, pre, idx.shape[0])
+      where = (slice(None),) * axis + (idx,)
+      z_view, _ = _view(jnp.zeros(full.shape, full.dtype), dim, pre, total)
+      vals = _set(vals, (f"h_{i}",) + path, z_view.at[where].set(s_view).reshape(full.shape))
+      mask = _set(mask, (f"h_{i}",) + path,
+                  z_view.at[where].set(1).reshape(full.shape))
+  return vals, mask
+
+
+def holder_mask(subnet, spec: SubnetSpec, like):
+  """Full-shaped 0/1 tree: 1 where this subnet holds the entry (shared leaves are all 1)."""
+  return scatter_subnet(extract_subnet(like, subnet, spec), subnet, spec, like)[1]
+
+
+# ---- statistics ----------------------------------------------------------------------------------
+
+
+def coverage(subnets_W, spec: SubnetSpec) -> dict[str, float]:
+  """Min / mean holder count per unit type over all partitioned groups (host-side, NumPy)."""
+  stats = {}
+  if spec.mode == "blocks":
+    groups = {"block": [(np.asarray(subnets_W["blocks"]), len(spec.partitioned))]}
+  else:
+    groups = {k: [(np.asarray(subnets_W[f"h_{i}"][k]),
+                   (spec.n_head if k == "head" else spec.n_inner)[i]) for i in spec.partitioned]
+              for k in spec.unit_kinds}
+  for kind, items in groups.items():
+    counts = [np.bincount(idx.reshape(-1), minlength=total) for idx, total in items]
+    if counts:
+      allc = np.concatenate(counts)
+      stats[f"coverage_{kind}_min"] = float(allc.min())
+      stats[f"coverage_{kind}_mean"] = float(allc.mean())
+  return stats

@@ -1,0 +1,278 @@
+"""The training loop: rounds of R local steps, validation, checkpoints, logging. No model math.
+
+Every variant (ddp, true, masked, hybrid) runs through the same loop; only the round function
+differs (`variants.make_round`). Subnets of round r are sampled from fold_in(seed key, r), so a
+resumed run draws the same subnets as an uninterrupted one.
+"""
+
+import dataclasses
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from twist_jax import aggregate, checkpoint, config as config_lib, data, evaluate, parallel
+from twist_jax import subnets, variants, worker
+from twist_jax.errors import ConfigError, DataError
+from twist_jax.model import ModelConfig, flops_per_token, init_params
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything a run needs, built and validated before anything is written to the workdir."""
+
+  cfg: config_lib.Config
+  workdir: str
+  dataset: data.Dataset
+  model: ModelConfig
+  spec: subnets.SubnetSpec | None
+  ctx: variants.RoundContext
+  init_params: dict
+
+
+# ---- setup ---------------------------------------------------------------------------------------
+
+
+def _initial_params(cfg: config_lib.Config, model: ModelConfig):
+  """Random init, another run's params (init.from_run) or a Hugging Face GPT-2 (init.hf)."""
+  if cfg.init.from_run:
+    params, meta = checkpoint.latest_params(cfg.init.from_run)
+    theirs = ModelConfig.from_dict(meta["model"])
+    if (theirs.n_head, theirs.n_inner, theirs.n_embd, theirs.vocab_size) != (
+        model.n_head, model.n_inner, model.n_embd, model.vocab_size):
+      raise ConfigError("init.from_run", f"that run's model {theirs} does not match {model}")
+    if theirs.n_positions < model.n_positions:
+      raise ConfigError("model.context", f"{model.n_positions} exceeds init.from_run's "
+                        f"positions {theirs.n_positions}")
+    params = dict(params, wpe={"embedding": params["wpe"]["embedding"][:model.n_positions]})
+    return jax.tree.map(jnp.asarray, params)
+  return init_params(model, jax.random.fold_in(jax.random.key(cfg.seed), 0))
+
+
+def _model_config(cfg: config_lib.Config, vocab_size: int):
+  if not cfg.init.hf:
+    return cfg.model.model_config(vocab_size), None
+  from twist_jax import hf  # transformers-free, but only needed here
+
+  params, model = hf.load_gpt2(cfg.init.hf, n_positions=cfg.model.context)
+  if model.vocab_size != vocab_size:
+    raise ConfigError("data.tokenizer", f"the tokenizer has {vocab_size} ids but the Hugging Face "
+                      f"model has {model.vocab_size}; use data.tokenizer=gpt2")
+  return model.replace(dtype=cfg.model.dtype, attention=cfg.model.attention), params
+
+
+def build(cfg: config_lib.Config, workdir: str) -> Run:
+  """Loads data and initial weights and builds the round function; writes nothing."""
+  dataset = data.load(cfg.data)
+  model, params = _model_config(cfg, dataset.vocab_size)
+  if params is None:
+    params = _initial_params(cfg, model)
+  spec = None
+  if cfg.twist.variant != "ddp":
+    spec = subnets.make_spec(model, cfg.subnet, cfg.twist.workers)
+  n_dev = parallel.device_count_for(cfg.twist.workers, cfg.twist.devices)
+  mesh = parallel.make_mesh(n_dev)
+  tx = worker.make_optimizer(cfg.opt)
+  lr_fn = lambda t: config_lib.lr_at(cfg.opt, cfg.steps, t)
+  outer = aggregate.outer_optimizer(cfg.twist.outer_lr, cfg.twist.outer_momentum)
+  ctx = variants.RoundContext(model, spec, tx, lr_fn, mesh, cfg.twist.opt_state, outer)
+  # Fail now (exit 2, nothing written) if the data cannot feed one step.
+  dataset.train_iterator(num_workers=cfg.twist.workers, batch_size=cfg.data.batch_size,
+                         context=cfg.model.context, seed=cfg.seed)
+  dataset.validation_windows(context=cfg.model.context, max_windows=1)
+  return Run(cfg, workdir, dataset, model, spec, ctx, params)
+
+
+# ---- workdir files -------------------------------------------------------------------------------
+
+
+def _write_json_atomic(path: str, obj) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def _check_resume_config(workdir: str, resolved: dict) -> None:
+  """Resuming a workdir with another config is refused, naming the fields that differ."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    old = json.load(f)
+  flat = lambda d, p="": ({f"{p}{k}": v for k2, v2 in [(k, d[k]) for k in d]
+                           for k, v in (flat(v2, f"{p}{k2}.").items() if isinstance(v2, dict)
+                                        else [(k2, v2)])})
+  a, b = flat(old), flat(json.loads(json.dumps(resolved)))
+  allowed = {"steps", "log.progress", "eval.every", "ckpt.every", "ckpt.keep", "log.every"}
+  diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in allowed)
+  if diff:
+    raise ConfigError(diff[0], f"workdir {workdir!r} holds a run with a different config; "
+                      f"fields that differ: {', '.join(diff)} (use a new --workdir)")
+
+
+class MetricsLog:
+  """metrics.jsonl (one JSON object a line) plus TensorBoard scalars."""
+
+  def __init__(self, workdir: str, resume_step: int | None):
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    if os.path.exists(self.path):
+      self._truncate(resume_step or 0)
+    from tensorboardX import SummaryWriter
+
+    self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+
+  def _truncate(self, step: int) -> None:
+    """Drops lines after the checkpoint we resume from, so no step appears twice."""
+    with open(self.path) as f:
+      lines = [ln for ln in f if ln.strip()]
+    keep = []
+    for ln in lines:
+      try:
+        if json.loads(ln).get("step", 0) <= step:
+          keep.append(ln)
+      except json.JSONDecodeError:
+        break  # a torn last line from a crash
+    tmp = self.path + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(keep)
+    os.replace(tmp, self.path)
+
+  def write(self, record: dict) -> None:
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    for k, v in record.items():
+      if isinstance(v, (int, float)) and k != "step":
+        self.tb.add_scalar(k, v, record["step"])
+
+  def close(self) -> None:
+    self.tb.close()
+
+
+# ---- the loop ------------------------------------------------------------------------------------
+
+
+def _round_batches(it, rounds_steps: int, sharding):
+  """(W, R, B, L+1) int32 batches for one round, sharded over the worker axis."""
+  steps_RxWxBxLp1 = np.stack([next(it) for _ in range(rounds_steps)])
+  return jax.device_put(np.ascontiguousarray(steps_RxWxBxLp1.transpose(1, 0, 2, 3)), sharding)
+
+
+def _due(step: int, every: int, r_steps: int, last: int) -> bool:
+  """True at the end of the round that reaches a multiple of `every`, and at the last step."""
+  return step == last or (step // every) > ((step - r_steps) // every)
+
+
+class Trainer:
+  """Owns the mutable state of one run (state, iterator, logs) and runs it to cfg.steps."""
+
+  def __init__(self, run: Run):
+    self.run, cfg = run, run.cfg
+    self.round_fn = variants.make_round(cfg.twist.variant, run.ctx)
+    self.sample = jax.jit(subnets.sample_subnets, static_argnums=(1,)) if run.spec else None
+    self.subnet_key = jax.random.fold_in(jax.random.key(cfg.seed), 1)
+    self.it = run.dataset.train_iterator(num_workers=cfg.twist.workers,
+                                         batch_size=cfg.data.batch_size,
+                                         context=cfg.model.context, seed=cfg.seed)
+    self.val_windows = run.dataset.validation_windows(
+        context=cfg.model.context, max_windows=cfg.eval.max_windows or None)
+    self.state = jax.device_put(variants.init_state(run.ctx, run.init_params),
+                                parallel.replicated(run.ctx.mesh))
+    self.step = 0
+    self.mngr = checkpoint.manager(run.workdir, cfg.ckpt.keep)
+
+  # -- checkpoints --
+  def meta(self) -> dict:
+    return {"step": self.step, "data": self.it.get_state(), "model": self.run.model.to_dict(),
+            "variant": self.run.cfg.twist.variant}
+
+  def save(self) -> None:
+    checkpoint.save(self.mngr, self.step, self.state, self.meta())
+
+  def maybe_resume(self) -> int | None:
+    latest = self.mngr.latest_step()
+    if latest is None:
+      return None
+    self.state, meta = checkpoint.restore(self.mngr, latest, self.state)
+    self.step = int(meta["step"])
+    self.it.set_state(meta["data"])
+    return self.step
+
+  # -- one round --
+  def _subnets(self, rnd: int):
+    if self.sample is None:
+      return {}
+    return self.sample(jax.random.fold_in(self.subnet_key, rnd), self.run.spec)
+
+  def validate(self) -> dict:
+    nll = evaluate.mean_nll(self.state["params"], self.run.model, self.val_windows,
+                            self.run.cfg.eval.batch_size)
+    return {"step": self.step, "val_loss": nll, "val_ppl": evaluate.perplexity(nll)}
+
+  def fit(self) -> dict:
+    cfg, r_steps = self.run.cfg, self.run.cfg.twist.local_steps
+    resumed = self.maybe_resume()
+    log = MetricsLog(self.run.workdir, resumed)
+    if resumed is not None:
+      print(f"resumed from checkpoint at step {resumed} in {self.mngr.directory}", flush=True)
+    tokens_per_round = cfg.twist.workers * cfg.data.batch_size * cfg.model.context * r_steps
+    sharding = parallel.worker_sharded(self.run.ctx.mesh)
+    bar = tqdm.tqdm(total=cfg.steps, initial=self.step, unit="step", dynamic_ncols=True,
+                    disable=not cfg.log.progress)
+    last_val = {}
+    try:
+      while self.step < cfg.steps:
+        rnd = self.step // r_steps
+        t0 = time.perf_counter()
+        subnets_W = self._subnets(rnd)
+        batches = _round_batches(self.it, r_steps, sharding)
+        self.state, metrics = self.round_fn(self.state, subnets_W, batches, jnp.int32(self.step))
+        loss_WxR = np.asarray(metrics["loss"])  # the one host sync per round
+        self.step += r_steps
+        dt = time.perf_counter() - t0
+        record = self._train_record(rnd, loss_WxR, metrics, subnets_W, dt, tokens_per_round)
+        if rnd % cfg.log.every == 0 or self.step == cfg.steps:
+          log.write(record)
+        bar.update(r_steps)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        if _due(self.step, cfg.eval.every, r_steps, cfg.steps):
+          last_val = self.validate()
+          log.write(last_val)
+          bar.write(f"step {self.step}: val_loss {last_val['val_loss']:.4f} "
+                    f"val_ppl {last_val['val_ppl']:.2f}")
+        if _due(self.step, cfg.ckpt.every, r_steps, cfg.steps):
+          self.save()
+    finally:
+      bar.close()
+      log.close()
+    return {"step": self.step, "loss": record["loss"] if self.step else None, **last_val}
+
+  def _train_record(self, rnd, loss_WxR, metrics, subnets_W, dt, tokens) -> dict:
+    record = {"step": self.step, "round": rnd, "loss": float(loss_WxR.mean()),
+              "last_loss": float(loss_WxR[:, -1].mean()),
+              "worker_loss": [float(x) for x in loss_WxR.mean(axis=1)],
+              "delta_norm": float(metrics["delta_norm"]),
+              "lr": float(config_lib.lr_at(self.run.cfg.opt, self.run.cfg.steps, self.step - 1)),
+              "round_time_s": dt, "tokens_per_s": tokens / dt}
+    if self.run.spec is not None:
+      record.update(subnets.coverage(subnets_W, self.run.spec))
+    return record
+
+
+def train(cfg: config_lib.Config, workdir: str) -> dict:
+  """Validates everything, then trains (resuming if WORKDIR has a checkpoint)."""
+  resolved = config_lib.to_dict(cfg)
+  _check_resume_config(workdir, resolved)
+  run = build(cfg, workdir)
+  os.makedirs(workdir, exist_ok=True)
+  _write_json_atomic(os.path.join(workdir, "config.json"), resolved)
+  n_params = run.model.num_params()
+  print(f"twist_jax: {cfg.twist.variant} | model {n_params / 1e6:.2f}M params, "
+        f"{flops_per_token(run.model, cfg.model.context) / 1e6:.1f} MFLOP/token | "
+        f"W={cfg.twist.workers} on {run.ctx.mesh.devices.size} device(s) | "
+        f"{data.protocol(cfg.data, cfg.model.context)}", flush=True)
+  return Trainer(run).fit()
