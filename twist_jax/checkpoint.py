@@ -49,14 +49,30 @@ def latest_params(workdir: str):
   """Params of another run's latest checkpoint (for `init.from_run`), plus its meta."""
   path = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(path):
-    raise DataError(f"init.from_run: no checkpoints in {workdir!r}")
+    raise DataError(f"no checkpoints in {workdir!r}")
   mngr = ocp.CheckpointManager(os.path.abspath(path))
   step = mngr.latest_step()
   if step is None:
-    raise DataError(f"init.from_run: no complete checkpoint in {path!r}")
+    raise DataError(f"no complete checkpoint in {path!r}")
   try:
     out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
                                                      meta=ocp.args.JsonRestore()))
   except (ValueError, KeyError, OSError, TypeError) as e:
-    raise DataError(f"init.from_run: checkpoint {path}/{step} is unreadable ({e})") from e
+    raise DataError(f"checkpoint {path}/{step} is unreadable ({e})") from e
   return out.state["params"], out.meta
+
+
+def load_run(workdir: str):
+  """(Config, ModelConfig, params) of a finished or running run's latest checkpoint."""
+  import json
+
+  from twist_jax import config as config_lib
+  from twist_jax.model import ModelConfig
+
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise DataError(f"{workdir!r} is not a twist_jax run (no config.json)")
+  with open(path) as f:
+    cfg = config_lib.from_dict(json.load(f))
+  params, meta = latest_params(workdir)
+  return cfg, ModelConfig.from_dict(meta["model"]), params

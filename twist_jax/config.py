@@ -342,3 +342,19 @@ def lr_at(opt: OptConfig, total_steps: int, step):
   frac = jnp.clip((step - opt.warmup_steps) / max(total_steps - opt.warmup_steps, 1), 0, 1)
   cos = opt.min_lr_ratio + (1 - opt.min_lr_ratio) * 0.5 * (1 + jnp.cos(math.pi * frac))
   return jnp.where(step < opt.warmup_steps, warm, opt.lr * cos)
+
+
+def from_dict(d: dict[str, Any]) -> Config:
+  """Inverse of `to_dict` (reads a run's config.json); lists become tuples."""
+  tup = lambda v: tuple(v) if isinstance(v, list) else v
+  sections = {f.name: f.type for f in dataclasses.fields(Config)}
+  kw = {}
+  for name, value in d.items():
+    if isinstance(value, dict):
+      cls = {"model": ModelSpec, "subnet": SubnetConfig, "twist": TwistConfig, "opt": OptConfig,
+             "data": DataConfig, "eval": EvalConfig, "ckpt": CkptConfig, "log": LogConfig,
+             "init": InitConfig}[name]
+      kw[name] = cls(**{k: tup(v) for k, v in value.items()})
+    elif name in sections:
+      kw[name] = value
+  return Config(**kw)
