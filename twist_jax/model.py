@@ -178,8 +178,13 @@ class GPT2(nn.Module):
     cfg = self.cfg
     dtype = jnp.dtype(cfg.dtype)
     masks = masks or {}
-    wte = nn.Embed(cfg.vocab_size, cfg.n_embd, embedding_init=_init(0.02), name="wte")
-    wpe = nn.Embed(cfg.n_positions, cfg.n_embd, embedding_init=_init(0.01), name="wpe")
+    if tokens_BxL.shape[1] > cfg.n_positions:
+      raise ValueError(f"sequence length {tokens_BxL.shape[1]} exceeds n_positions="
+                       f"{cfg.n_positions}")
+    wte = nn.Embed(cfg.vocab_size, cfg.n_embd, dtype=dtype, embedding_init=_init(0.02),
+                   name="wte")
+    wpe = nn.Embed(cfg.n_positions, cfg.n_embd, dtype=dtype, embedding_init=_init(0.01),
+                   name="wpe")
     pos_L = jnp.arange(tokens_BxL.shape[1])
     x_BxLxD = (wte(tokens_BxL) + wpe(pos_L)[None]).astype(dtype)
     for i in range(cfg.n_layer):

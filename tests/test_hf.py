@@ -1,0 +1,242 @@
+"""Hugging Face GPT-2 import/export against transformers itself: same logits both ways, clear
+errors for corrupt folders and for shapes transformers cannot represent."""
+
+import json
+import os
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from twist_jax import hf
+from twist_jax.errors import DataError, UserError
+from twist_jax.model import GPT2, ModelConfig, init_params
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+HF_KW = dict(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+             bos_token_id=None, eos_token_id=None)
+TOKENS = np.random.default_rng(0).integers(0, 256, (2, 24))
+
+
+def hf_model(**overrides):
+  """A tiny GPT2LMHeadModel in eval mode whose weights are all far from the 0.02 init, so the
+  comparison exercises every parameter (LayerNorms included)."""
+  torch.manual_seed(0)
+  model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**{**HF_KW, **overrides}))
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(0.1 * torch.randn_like(p))
+  return model.eval()
+
+
+def hf_logits(model, toks=TOKENS):
+  with torch.no_grad():
+    return model(torch.as_tensor(toks)).logits.numpy()
+
+
+def jax_logits(params, cfg, toks=TOKENS):
+  return np.asarray(GPT2(cfg).apply({"params": params}, jnp.asarray(toks)))
+
+
+@pytest.fixture(scope="module")
+def model():
+  return hf_model()
+
+
+@pytest.fixture(scope="module")
+def st_dir(model, tmp_path_factory):
+  path = tmp_path_factory.mktemp("gpt2_st")
+  model.save_pretrained(path)
+  return path
+
+
+# ------------------------------------------------------------------------------------- import
+
+
+def test_load_safetensors_matches_transformers(model, st_dir):
+  params, cfg = hf.load_gpt2(str(st_dir))
+  assert cfg == ModelConfig.uniform(n_layer=2, n_head=4, n_embd=64, vocab_size=256,
+                                    n_positions=64)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+  np.testing.assert_allclose(jax_logits(params, cfg), hf_logits(model), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("prefix", ["transformer.", ""])
+def test_load_pytorch_bin(model, tmp_path, prefix):
+  """A .bin state dict, with or without the 'transformer.' prefix, holding the lm_head and the
+  causal-mask buffers older transformers versions saved: all ignored."""
+  # transformers 5 always writes safetensors, so the .bin is written with torch directly.
+  state = {k: v for k, v in model.state_dict().items() if prefix or k != "lm_head.weight"}
+  state = {prefix + k.removeprefix("transformer.") if k.startswith("transformer.") else k: v
+           for k, v in state.items()}
+  for i in range(HF_KW["n_layer"]):
+    state[f"{prefix}h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, 64, 64, dtype=torch.bool))
+    state[f"{prefix}h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+  torch.save(state, tmp_path / hf.BIN_FILE)
+  model.config.to_json_file(str(tmp_path / hf.CONFIG_FILE))
+  params, cfg = hf.load_gpt2(str(tmp_path))
+  np.testing.assert_allclose(jax_logits(params, cfg), hf_logits(model), rtol=1e-4, atol=1e-4)
+
+
+def test_n_positions_truncation(model, st_dir):
+  params, cfg = hf.load_gpt2(str(st_dir), n_positions=16)
+  assert cfg.n_positions == 16 and params["wpe"]["embedding"].shape == (16, 64)
+  toks = TOKENS[:, :16]
+  np.testing.assert_allclose(jax_logits(params, cfg, toks), hf_logits(model, toks),
+                             rtol=1e-4, atol=1e-4)
+  with pytest.raises(UserError, match="n_positions=65"):
+    hf.load_gpt2(str(st_dir), n_positions=65)
+
+
+@pytest.mark.parametrize("override", [
+    dict(activation_function="relu"), dict(scale_attn_by_inverse_layer_idx=True),
+    dict(reorder_and_upcast_attn=True), dict(scale_attn_weights=False),
+    dict(tie_word_embeddings=False), dict(model_type="llama")])
+def test_unsupported_config_is_rejected(st_dir, tmp_path, override):
+  folder = copy_folder(st_dir, tmp_path)
+  edit_config(folder, **override)
+  with pytest.raises(UserError, match=next(iter(override))) as err:
+    hf.load_gpt2(str(folder))
+  assert "\n" not in str(err.value)
+
+
+# ------------------------------------------------------------------------------ corrupt folders
+
+
+def copy_folder(src, dst):
+  for name in os.listdir(src):
+    (dst / name).write_bytes((src / name).read_bytes())
+  return dst
+
+
+def edit_config(folder, **changes):
+  path = folder / hf.CONFIG_FILE
+  path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def truncate(path):
+  path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def drop_tensor(path):
+  from safetensors.numpy import load_file, save_file
+  tensors = load_file(path)
+  del tensors["transformer.h.1.mlp.c_fc.bias"]
+  save_file(tensors, path)
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (lambda d: (d / hf.CONFIG_FILE).unlink(), "config.json: missing"),
+    (lambda d: (d / hf.CONFIG_FILE).write_text("{not json"), "unreadable config"),
+    (lambda d: (d / hf.SAFETENSORS_FILE).unlink(), "no model.safetensors or pytorch_model.bin"),
+    (lambda d: truncate(d / hf.SAFETENSORS_FILE), "unreadable weights"),
+    (lambda d: (d / hf.SAFETENSORS_FILE).write_bytes(b""), "unreadable weights"),
+    (lambda d: edit_config(d, n_inner=128), r"'h.0.mlp.c_fc.\w+' has shape \((64, )?256,?\)"),
+    (lambda d: edit_config(d, n_layer=3), r"'h.2.\S+' is missing"),
+    (lambda d: edit_config(d, n_layer=1), r"unexpected weights \['h.1."),
+    (lambda d: drop_tensor(d / hf.SAFETENSORS_FILE), "'h.1.mlp.c_fc.bias' is missing"),
+])
+def test_corrupt_folder_is_data_error(st_dir, tmp_path, corrupt, message):
+  folder = copy_folder(st_dir, tmp_path)
+  corrupt(folder)
+  with pytest.raises(DataError, match=message) as err:
+    hf.load_gpt2(str(folder))
+  assert str(tmp_path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_missing_local_folder_is_data_error(tmp_path):
+  with pytest.raises(DataError, match="no such folder"):
+    hf.load_gpt2(str(tmp_path / "nope"))
+
+
+def test_unreachable_hub_id_is_data_error(monkeypatch, tmp_path):
+  """Offline, a hub id fails with a one-line DataError that says to pass a local folder."""
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+  monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
+  monkeypatch.chdir(tmp_path)  # so the id is not a local folder by accident
+  with pytest.raises(DataError, match="'no-such-org/gpt2-tiny'.*pass a local folder") as err:
+    hf.load_gpt2("no-such-org/gpt2-tiny")
+  assert "\n" not in str(err.value)
+
+
+# ------------------------------------------------------------------------------------- export
+
+
+def random_params(cfg, seed=0, std=0.1):
+  """N(0, std) params of shape `cfg`, LayerNorm scales around 1 (NumPy draws: nothing to
+  compile, unlike threefry over every leaf shape)."""
+  rng = np.random.default_rng(seed)
+  shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+  flat = flax.traverse_util.flatten_dict(shapes)
+  return flax.traverse_util.unflatten_dict({
+      k: jnp.asarray((k[-1] == "scale") + std * rng.standard_normal(x.shape, np.float32))
+      for k, x in flat.items()})
+
+
+TINY = ModelConfig.uniform(n_layer=2, n_head=4, n_embd=64, n_inner=96, vocab_size=256,
+                           n_positions=32)
+
+
+@pytest.mark.parametrize("cfg", [TINY, TINY.replace(attn_scale=(1.5, 1.0), mlp_scale=(0.5, 2.0))])
+def test_export_round_trip(tmp_path, cfg):
+  params, out = random_params(cfg), tmp_path / "export"
+  hf.save_gpt2(params, cfg, str(out))
+  assert sorted(os.listdir(out)) == [hf.CONFIG_FILE, hf.SAFETENSORS_FILE]
+  assert os.listdir(tmp_path) == ["export"]  # no temporary folder left behind
+  exported = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+  toks = TOKENS[:, :32]
+  want = jax_logits(params, cfg, toks)
+  np.testing.assert_allclose(hf_logits(exported, toks), want, rtol=1e-4, atol=1e-4)
+  # The scales are folded into the kernels: the re-imported model is a plain GPT-2.
+  back, back_cfg = hf.load_gpt2(str(out))
+  assert back_cfg == TINY
+  np.testing.assert_allclose(jax_logits(back, back_cfg, toks), want, rtol=1e-5, atol=1e-5)
+
+
+def test_export_overwrites_previous_export_only(tmp_path):
+  out = tmp_path / "export"
+  hf.save_gpt2(random_params(TINY, seed=0), TINY, str(out))
+  hf.save_gpt2(random_params(TINY, seed=1), TINY, str(out))
+  back, _ = hf.load_gpt2(str(out))
+  np.testing.assert_array_equal(back["wte"]["embedding"],
+                                random_params(TINY, seed=1)["wte"]["embedding"])
+  (tmp_path / "notes").mkdir()
+  (tmp_path / "notes" / "todo.txt").write_text("mine")
+  with pytest.raises(UserError, match="not a GPT-2 export"):
+    hf.save_gpt2(random_params(TINY), TINY, str(tmp_path / "notes"))
+  assert os.listdir(tmp_path / "notes") == ["todo.txt"]
+  assert sorted(os.listdir(tmp_path)) == ["export", "notes"]
+
+
+def test_export_crash_leaves_nothing(tmp_path, monkeypatch):
+  def crash(*args, **kwargs):
+    raise KeyboardInterrupt
+  monkeypatch.setattr("safetensors.numpy.save_file", crash)
+  with pytest.raises(KeyboardInterrupt):
+    hf.save_gpt2(random_params(TINY), TINY, str(tmp_path / "export"))
+  assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("cfg, message", [
+    (TINY.replace(n_inner=(96, 128)), "per-layer MLP widths"),
+    (TINY.replace(n_head=(2, 2)), "head pruning"),  # head_dim 16 kept, so 2*16 != 64
+    (TINY.replace(n_head=(4, 2)), r"n_head=\(4, 2\)"),
+])
+def test_unrepresentable_export_is_user_error(tmp_path, cfg, message):
+  params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+  with pytest.raises(UserError, match=message) as err:
+    hf.save_gpt2(params, cfg, str(tmp_path / "export"))
+  assert "\n" not in str(err.value)
+  assert os.listdir(tmp_path) == []
+
+
+def test_export_rejects_params_of_another_shape(tmp_path):
+  params = random_params(TINY)
+  params["h_1"]["mlp"]["c_fc"]["bias"] = params["h_1"]["mlp"]["c_fc"]["bias"][:10]
+  with pytest.raises(UserError, match="shapes"):
+    hf.save_gpt2(params, TINY, str(tmp_path / "export"))
