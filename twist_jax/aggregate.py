@@ -30,7 +30,7 @@ def holder_counts(masks_W):
 
 def delta_norm(old, new) -> jax.Array:
   """Global L2 norm of the aggregation step (logged every round)."""
-  return optax.global_norm(jax.tree.map(lambda a, b: a.astype(jnp.float32) - b, new, old))
+  return optax.tree.norm(jax.tree.map(lambda a, b: a.astype(jnp.float32) - b, new, old))
 
 
 def outer_optimizer(lr: float, momentum: float) -> optax.GradientTransformation | None:

@@ -21,7 +21,7 @@ def make_optimizer(opt: OptConfig) -> optax.GradientTransformation:
     if opt.weight_decay > 0:
       parts.append(optax.add_decayed_weights(
           opt.weight_decay, mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)))
-  return optax.chain(*parts)
+  return optax.chain(*parts) if parts else optax.identity()
 
 
 def map_param_trees(fn, state, params, *others):

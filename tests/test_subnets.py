@@ -1,0 +1,193 @@
+"""Subnet samplers, extract/scatter and masks against hand-checked and NumPy references."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from twist_jax import subnets
+from twist_jax.config import SubnetConfig
+from twist_jax.errors import ConfigError
+from twist_jax.model import ModelConfig, init_params
+
+CFG = ModelConfig.uniform(n_layer=3, n_head=4, n_embd=32, vocab_size=64, n_positions=16)
+CFG4 = ModelConfig.uniform(n_layer=4, n_head=2, n_embd=16, vocab_size=32, n_positions=8)
+
+
+def spec_for(mode, kappa=0.5, workers=4, sampler="cover", shared=(), correction="mean",
+             cfg=CFG):
+  kappas = kappa if isinstance(kappa, tuple) else (kappa,) * cfg.n_layer
+  return subnets.make_spec(cfg, SubnetConfig(mode, kappas, shared, sampler, correction), workers)
+
+
+def groups(sub, spec):
+  """Every (W, m) index array of a subnet pytree with its unit count."""
+  if spec.mode == "blocks":
+    return [(sub["blocks"], len(spec.partitioned))]
+  sizes = {"head": spec.n_head, "unit": spec.n_inner}
+  return [(sub[f"h_{i}"][k], sizes[k][i]) for i in spec.partitioned for k in spec.unit_kinds]
+
+
+@pytest.mark.parametrize("sampler", ["cover", "uniform", "partition"])
+@pytest.mark.parametrize("mode", ["attn", "mlp", "attn_mlp", "blocks"])
+def test_sampler_sizes_no_duplicates_and_sorted(mode, sampler):
+  kappa, workers = (0.5, 2) if sampler == "partition" else (0.5, 4)
+  cfg = CFG4 if mode == "blocks" else CFG  # blocks: 4 blocks split evenly over 2 workers
+  spec = spec_for(mode, kappa, workers, sampler, cfg=cfg)
+  sub = subnets.sample_subnets(jax.random.key(0), spec)
+  for idx, total in groups(sub, spec):
+    idx = np.asarray(idx)
+    assert idx.dtype == np.int32 and idx.shape[0] == workers
+    for row in idx:
+      assert len(set(row.tolist())) == len(row), "a unit twice in one subnet"
+      assert (np.diff(row) > 0).all() and row.min() >= 0 and row.max() < total
+
+
+@pytest.mark.parametrize("kappa,workers", [(0.25, 4), (0.5, 2), (0.5, 4), (0.75, 3), (0.25, 2)])
+def test_cover_covers_every_unit_when_possible(kappa, workers):
+  spec = spec_for("attn_mlp", kappa, workers)
+  for seed in range(5):
+    sub = subnets.sample_subnets(jax.random.key(seed), spec)
+    for idx, total in groups(sub, spec):
+      counts = np.bincount(np.asarray(idx).ravel(), minlength=total)
+      keep = idx.shape[1]
+      if workers * keep >= total:
+        assert counts.min() >= 1
+      else:  # not enough slots: every slot is a distinct unit
+        assert counts.max() == 1
+
+
+def test_partition_is_disjoint_and_complete():
+  spec = spec_for("attn_mlp", 0.25, 4, "partition")
+  sub = subnets.sample_subnets(jax.random.key(3), spec)
+  for idx, total in groups(sub, spec):
+    assert sorted(np.asarray(idx).ravel().tolist()) == list(range(total))
+
+
+def test_uniform_draws_are_uniform_monte_carlo():
+  # Each unit should be in a subnet with probability m / U = 0.5 (4 heads, keep 2).
+  spec = spec_for("attn", 0.5, 1, "uniform")
+  keys = jax.random.split(jax.random.key(1), 2000)
+  draws = jax.vmap(lambda k: subnets.sample_subnets(k, spec)["h_0"]["head"])(keys)
+  freq = np.bincount(np.asarray(draws).ravel(), minlength=4) / 2000
+  np.testing.assert_allclose(freq, 0.5, atol=4 * np.sqrt(0.25 / 2000))
+  pairs = {tuple(r) for r in np.asarray(draws)[:, 0]}
+  assert pairs == set(itertools.combinations(range(4), 2))
+
+
+def test_sampling_is_deterministic_in_the_key():
+  spec = spec_for("attn_mlp")
+  a = subnets.sample_subnets(jax.random.key(5), spec)
+  b = subnets.sample_subnets(jax.random.key(5), spec)
+  c = subnets.sample_subnets(jax.random.key(6), spec)
+  same = jax.tree.map(lambda x, y: bool((x == y).all()), a, b)
+  assert all(jax.tree.leaves(same))
+  assert not all(jax.tree.leaves(jax.tree.map(lambda x, y: bool((x == y).all()), a, c)))
+
+
+def test_spec_errors_name_the_field():
+  with pytest.raises(ConfigError, match="subnet.kappa.*zero units"):
+    spec_for("attn", 0.1)
+  with pytest.raises(ConfigError, match="subnet.sampler"):
+    spec_for("attn", 0.5, 4, "partition")
+
+
+def numpy_extract_layer(layer, heads, units, h, k):
+  """Independent reference: index the HF-layout columns/rows by hand."""
+  cols = [part * h * k + hh * k + kk for part in range(3) for hh in heads for kk in range(k)]
+  rows = [hh * k + kk for hh in heads for kk in range(k)]
+  a = {kk: np.asarray(v) for kk, v in layer["attn"]["c_attn"].items()}
+  return {"c_attn_kernel": a["kernel"][:, cols], "c_attn_bias": a["bias"][cols],
+          "c_proj_kernel": np.asarray(layer["attn"]["c_proj"]["kernel"])[rows],
+          "c_fc_kernel": np.asarray(layer["mlp"]["c_fc"]["kernel"])[:, units],
+          "c_fc_bias": np.asarray(layer["mlp"]["c_fc"]["bias"])[units],
+          "mlp_proj_kernel": np.asarray(layer["mlp"]["c_proj"]["kernel"])[units]}
+
+
+def test_extract_matches_numpy_indexing_and_scatter_round_trips():
+  spec = spec_for("attn_mlp", (0.5, 0.75, 0.25), shared=(1,))
+  params = init_params(CFG, jax.random.key(0))
+  sub = jax.tree.map(lambda x: x[2], subnets.sample_subnets(jax.random.key(1), spec))
+  small = subnets.extract_subnet(params, sub, spec)
+  small_cfg = subnets.subnet_model_config(CFG, spec)
+  assert small_cfg.n_head == (2, 4, 1) and small_cfg.n_inner == (64, 128, 32)
+  assert jax.tree.map(jnp.shape, small) == jax.tree.map(
+      jnp.shape, init_params(small_cfg, jax.random.key(0)))
+  for i in spec.partitioned:
+    ref = numpy_extract_layer(params[f"h_{i}"], np.asarray(sub[f"h_{i}"]["head"]),
+                              np.asarray(sub[f"h_{i}"]["unit"]), 4, CFG.head_dim)
+    got = small[f"h_{i}"]
+    np.testing.assert_array_equal(got["attn"]["c_attn"]["kernel"], ref["c_attn_kernel"])
+    np.testing.assert_array_equal(got["attn"]["c_attn"]["bias"], ref["c_attn_bias"])
+    np.testing.assert_array_equal(got["attn"]["c_proj"]["kernel"], ref["c_proj_kernel"])
+    np.testing.assert_array_equal(got["mlp"]["c_fc"]["kernel"], ref["c_fc_kernel"])
+    np.testing.assert_array_equal(got["mlp"]["c_fc"]["bias"], ref["c_fc_bias"])
+    np.testing.assert_array_equal(got["mlp"]["c_proj"]["kernel"], ref["mlp_proj_kernel"])
+  np.testing.assert_array_equal(small["h_1"]["mlp"]["c_fc"]["kernel"],
+                                params["h_1"]["mlp"]["c_fc"]["kernel"])  # shared layer
+  values, mask = subnets.scatter_subnet(small, sub, spec, params)
+  for v, m, p in zip(jax.tree.leaves(values), jax.tree.leaves(mask), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(np.asarray(v), np.where(np.asarray(m) > 0, p, 0))
+  again = subnets.extract_subnet(values, sub, spec)
+  assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool((a == b).all()), again, small)))
+  # The held fraction of a partitioned c_fc kernel is exactly kappa.
+  assert float(mask["h_2"]["mlp"]["c_fc"]["kernel"].mean()) == 0.25
+
+
+def test_blocks_mode_extract_scatter_and_masks():
+  cfg = CFG4
+  spec = spec_for("blocks", 0.5, 2, shared=(0,), cfg=cfg)
+  params = init_params(cfg, jax.random.key(0))
+  sub = jax.tree.map(lambda x: x[0], subnets.sample_subnets(jax.random.key(2), spec))
+  kept = [0] + [spec.partitioned[j] for j in np.asarray(sub["blocks"])]
+  assert len(kept) == spec.kept_layers() == 3
+  small = subnets.extract_subnet(params, sub, spec)
+  for j, i in enumerate(kept):
+    np.testing.assert_array_equal(small[f"h_{j}"]["ln_1"]["scale"], params[f"h_{i}"]["ln_1"]["scale"])
+    np.testing.assert_array_equal(small[f"h_{j}"]["mlp"]["c_fc"]["kernel"],
+                                  params[f"h_{i}"]["mlp"]["c_fc"]["kernel"])
+  block = np.asarray(subnets.unit_masks(sub, spec)["block"])
+  np.testing.assert_array_equal(np.nonzero(block)[0], kept)
+  _, mask = subnets.scatter_subnet(small, sub, spec, params)
+  for i in range(4):
+    assert float(mask[f"h_{i}"]["attn"]["c_attn"]["kernel"].mean()) == float(i in kept)
+
+
+def test_unit_masks_agree_with_holder_mask():
+  spec = spec_for("attn_mlp", 0.5, shared=(0,))
+  params = init_params(CFG, jax.random.key(0))
+  sub = jax.tree.map(lambda x: x[1], subnets.sample_subnets(jax.random.key(4), spec))
+  masks, hold = subnets.unit_masks(sub, spec), subnets.holder_mask(sub, spec, params)
+  for i in range(CFG.n_layer):
+    proj = np.asarray(hold[f"h_{i}"]["attn"]["c_proj"]["kernel"])[:, 0].reshape(4, -1)[:, 0]
+    np.testing.assert_array_equal(proj, masks["head"][i])
+    np.testing.assert_array_equal(np.asarray(hold[f"h_{i}"]["mlp"]["c_fc"]["bias"]),
+                                  masks["unit"][i])
+
+
+def test_correction_scales_follow_design():
+  assert subnets.correction_factor(8, 2, "mean") == 4.0
+  assert subnets.correction_factor(8, 2, "norm") == 2.0
+  assert subnets.correction_factor(8, 2, "none") == 1.0
+  spec = spec_for("attn", 0.5, correction="norm", shared=(2,))
+  cfg = subnets.subnet_model_config(CFG, spec)
+  np.testing.assert_allclose(cfg.attn_scale, (2 ** 0.5, 2 ** 0.5, 1.0))
+  assert cfg.mlp_scale == (1.0, 1.0, 1.0)
+
+
+def test_from_scores_keeps_top_units():
+  spec = spec_for("attn", 0.5, 1)
+  scores = {f"h_{i}": {"head": np.array([0.1, 3.0, 2.0, -1.0]), "unit": np.zeros(128)}
+            for i in range(3)}
+  sub = subnets.from_scores(scores, spec)
+  np.testing.assert_array_equal(np.asarray(sub["h_0"]["head"]), [[1, 2]])
+  np.testing.assert_array_equal(np.asarray(subnets.first_subnet(spec)["h_2"]["head"]), [[0, 1]])
+
+
+def test_coverage_stats():
+  spec = spec_for("attn", 0.5, 4)
+  sub = subnets.sample_subnets(jax.random.key(0), spec)
+  stats = subnets.coverage(sub, spec)
+  assert stats["coverage_head_min"] >= 1 and stats["coverage_head_mean"] == 2.0
