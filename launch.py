@@ -22,7 +22,12 @@ def _parse(argv):
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    _fail(" ".join(str(e).split()))
+    # A config file that raised: keep the flag and the final exception line, not the traceback.
+    head, _, rest = str(e).partition("Traceback (most recent call last):")
+    _fail(" ".join((head + rest.strip().splitlines()[-1] if rest else head).split()))
+  except (AttributeError, KeyError) as e:  # ml_collections: an override of a field that is not there
+    bad = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+    _fail(f"unknown config field {str(e).strip(chr(34))} in {' '.join(bad)}")
 
 
 def main(argv):

@@ -7,6 +7,7 @@ Variants: --config.twist.variant=true|masked|hybrid (all three compute the same 
 """
 
 from twist_jax.config import default_config
+from twist_jax.experiments import smoke
 
 
 def get_config(arg=None):
@@ -20,10 +21,7 @@ def get_config(arg=None):
   c.subnet.correction = "mean"
   c.steps = 900  # 60 rounds; the golden-ticket effect needs >= ~600 steps at this size
   if arg == "smoke":
-    c.model.update(n_layer=2, n_head=4, n_embd=32, context=32)
-    c.data.batch_size = 4
-    c.steps, c.twist.local_steps = 30, 5
-    c.opt.warmup_steps = 5
-    c.eval.update(every=30, max_windows=32)
-    c.ckpt.every = 15
+    smoke(c)
+  elif arg is not None:
+    raise ValueError(f"config argument must be smoke or nothing (got {arg!r})")
   return c

@@ -5,6 +5,7 @@
 """
 
 from twist_jax.config import default_config
+from twist_jax.experiments import smoke
 
 
 def get_config(arg=None):
@@ -14,10 +15,7 @@ def get_config(arg=None):
   c.twist.local_steps = 15  # steps per compiled call; DDP averages gradients every step
   c.steps = 900
   if arg == "smoke":
-    c.model.update(n_layer=2, n_head=4, n_embd=32, context=32)
-    c.data.batch_size = 4
-    c.steps, c.twist.local_steps = 30, 5
-    c.opt.warmup_steps = 5
-    c.eval.update(every=30, max_windows=32)
-    c.ckpt.every = 15
+    smoke(c)
+  elif arg is not None:
+    raise ValueError(f"config argument must be smoke or nothing (got {arg!r})")
   return c

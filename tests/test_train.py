@@ -1,0 +1,136 @@
+"""End to end: configs load, smoke training lowers the loss, resume is exact, bad input exits 2."""
+
+import glob
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from twist_jax import config as config_lib, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXPERIMENTS = sorted(glob.glob(os.path.join(ROOT, "experiments", "*.py")))
+
+
+def load_experiment(name, arg=None):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "experiments",
+                                                                   f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=os.path.basename)
+def test_every_config_loads_and_validates(path):
+  name = os.path.basename(path)[:-3]
+  args = [None, "smoke"] + (["hf"] if name.startswith("gpt2") else [])
+  for arg in args:
+    cfg = config_lib.from_configdict(load_experiment(name, arg))
+    assert cfg.steps % cfg.twist.local_steps == 0
+    assert json.loads(json.dumps(config_lib.to_dict(cfg)))  # config.json is serialisable
+  assert len(EXPERIMENTS) >= 7
+
+
+def smoke_config(variant="true", **overrides):
+  c = load_experiment("pydocs_attn", "smoke")
+  c.twist.variant = variant
+  c.log.progress = False
+  for k, v in overrides.items():
+    section, field = k.split("__")
+    c[section][field] = v
+  return config_lib.from_configdict(c)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("run") / "a")
+  train.train(smoke_config(), workdir)
+  return workdir
+
+
+def test_smoke_run_lowers_the_loss_and_writes_outputs(finished_run):
+  metrics = read_metrics(finished_run)
+  train_lines = [m for m in metrics if "loss" in m]
+  val_lines = [m for m in metrics if "val_loss" in m]
+  assert [m["step"] for m in train_lines] == [5, 10, 15, 20, 25, 30]
+  assert train_lines[-1]["loss"] < train_lines[0]["loss"] - 0.5
+  assert val_lines and val_lines[-1]["val_loss"] < 5.0  # log(256) = 5.55 is chance
+  assert train_lines[0]["coverage_head_min"] >= 1
+  assert len(train_lines[0]["worker_loss"]) == 4
+  with open(os.path.join(finished_run, "config.json")) as f:
+    assert json.load(f)["twist"]["variant"] == "true"
+  assert sorted(os.listdir(os.path.join(finished_run, "checkpoints"))) == ["15", "30"]
+
+
+def test_resume_reproduces_the_uninterrupted_run(finished_run, tmp_path):
+  workdir = str(tmp_path / "b")
+  train.train(smoke_config(), workdir)
+  # Simulate a crash after the step-15 checkpoint: drop the later checkpoint, rerun.
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "30"))
+  train.train(smoke_config(), workdir)
+  strip = lambda ms: [{k: v for k, v in m.items() if k not in ("round_time_s", "tokens_per_s")}
+                      for m in ms]
+  assert strip(read_metrics(workdir)) == strip(read_metrics(finished_run))
+
+
+def test_ddp_smoke_run(tmp_path):
+  out = train.train(smoke_config("ddp"), str(tmp_path / "ddp"))
+  assert out["step"] == 30 and out["val_loss"] < 5.0
+
+
+def run_launch(tmp_path, *overrides, config="experiments/pydocs_attn.py:smoke"):
+  workdir = tmp_path / "wd"
+  proc = subprocess.run([sys.executable, "launch.py", "--config", config, "--workdir",
+                         str(workdir), *overrides], cwd=ROOT, capture_output=True, text=True,
+                        timeout=300)
+  return proc, workdir
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["--config.subnet.kappa=1.5"], "subnet.kappa"),
+    (["--config.subnet.kappa=0.01"], "subnet.kappa"),
+    (["--config.subnet.mode=heads"], "subnet.mode"),
+    (["--config.subnet.sampler=best"], "subnet.sampler"),
+    (["--config.twist.variant=fast"], "twist.variant"),
+    (["--config.twist.devices=3"], "twist.devices"),
+    (["--config.steps=31"], "steps"),
+    (["--config.data.tokenizer=words"], "data.tokenizer"),
+    (["--config.subnet.nope=1"], "nope"),
+])
+def test_bad_config_values_exit_2_and_write_nothing(tmp_path, overrides, needle):
+  proc, workdir = run_launch(tmp_path, *overrides)
+  assert proc.returncode == 2, proc.stderr
+  lines = [ln for ln in proc.stderr.strip().splitlines() if ln.startswith("error:")]
+  assert len(lines) == 1 and needle in lines[0], proc.stderr
+  assert not workdir.exists()
+
+
+def test_missing_and_empty_data_exit_2(tmp_path):
+  proc, workdir = run_launch(tmp_path, "--config.data.name=text_files",
+                             f"--config.data.files={tmp_path}/nothing/*.txt",
+                             f"--config.data.data_dir={tmp_path}/cache")
+  assert proc.returncode == 2 and "nothing/*.txt" in proc.stderr, proc.stderr
+  assert not workdir.exists()
+  (tmp_path / "empty").mkdir()
+  (tmp_path / "empty" / "a.txt").write_text("")
+  proc, workdir = run_launch(tmp_path, "--config.data.name=text_files",
+                             f"--config.data.files={tmp_path}/empty/*.txt",
+                             f"--config.data.data_dir={tmp_path}/cache")
+  assert proc.returncode == 2 and "error:" in proc.stderr, proc.stderr
+  assert not workdir.exists()
+
+
+def test_resume_with_a_different_config_is_refused(finished_run, tmp_path):
+  c = load_experiment("pydocs_attn", "smoke")
+  c.subnet.kappa = 0.25
+  with pytest.raises(config_lib.ConfigError, match="subnet.kappa"):
+    train.train(config_lib.from_configdict(c), finished_run)
