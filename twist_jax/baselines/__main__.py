@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from twist_jax import baselines, evaluate, subnets
-from twist_jax.errors import UserError
+from twist_jax.errors import ConfigError, UserError
 
 STRUCT_PREFIX = "struct-"
 METHODS = (tuple(baselines.METHODS_UNSTRUCTURED) +
@@ -65,9 +65,17 @@ def calibration_windows(dataset, cfg, count: int) -> np.ndarray:
   return next(it)[0]
 
 
-def prune_structured(params, model, method: str, kappa: float, mode: str, shared, calib, key):
+def structured_spec(model, kappa: float, mode: str, shared) -> subnets.SubnetSpec:
+  """The pruned model's shape; correction 'none': a pruning baseline rescales nothing."""
+  try:
+    return evaluate.deploy_spec(model, mode, kappa, shared, "none")
+  except ConfigError as e:  # name the CLI's argument, not the training config field
+    raise UserError(f"--sparsity: keeping kappa = {kappa:g} in {mode} mode: "
+                    f"{str(e).split(': ', 1)[-1]}") from None
+
+
+def prune_structured(params, model, method: str, spec: subnets.SubnetSpec, calib, key):
   """(small params, small model config): the top-scoring units kept, extracted dense."""
-  spec = evaluate.deploy_spec(model, mode, kappa, shared, "none")
   scores = baselines.unit_scores(params, model, method, calib_windows=calib, key=key)
   subnet = jax.tree.map(lambda x: x[0], subnets.from_scores(scores, spec))  # drop W = 1
   return subnets.extract_subnet(params, subnet, spec), subnets.subnet_model_config(model, spec)
@@ -84,16 +92,17 @@ def _main(argv) -> dict:
   _check(a)
   cfg, model, params = checkpoint.load_run(a.workdir)
   structured = a.method.startswith(STRUCT_PREFIX)
+  kappa = 1.0 - a.sparsity
+  if structured:  # checked before any data is loaded
+    spec = structured_spec(model, kappa, a.mode, cfg.subnet.shared_layers)
   dataset = data.load(cfg.data)
   calib = (calibration_windows(dataset, cfg, a.calib_windows)
            if a.method in NEEDS_CALIBRATION else None)
   val = dataset.validation_windows(context=cfg.model.context, max_windows=a.max_windows or None)
   t0 = time.perf_counter()
   if structured:
-    kappa = 1.0 - a.sparsity
-    small, small_cfg = prune_structured(params, model, a.method[len(STRUCT_PREFIX):], kappa,
-                                        a.mode, cfg.subnet.shared_layers, calib,
-                                        jax.random.key(a.seed))
+    small, small_cfg = prune_structured(params, model, a.method[len(STRUCT_PREFIX):], spec,
+                                        calib, jax.random.key(a.seed))
     kept = small_cfg.num_params()
   else:
     small = baselines.prune_unstructured(params, model, a.method, a.sparsity, calib)
@@ -112,7 +121,7 @@ def _main(argv) -> dict:
          "time_prune_s": t_prune, "time_s": time.perf_counter() - t0,
          "workdir": os.path.abspath(a.workdir)}
   if structured:
-    out.update(mode=a.mode, kappa=1.0 - a.sparsity, correction="none",
+    out.update(mode=a.mode, kappa=kappa, correction="none",
                shared_layers=list(cfg.subnet.shared_layers))
   return out
 
