@@ -34,7 +34,7 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax and tfds log every file at INFO
   from twist_jax import config as config_lib, train
-  from twist_jax.errors import UserError
+  from twist_jax.errors import DivergenceError, UserError
 
   if _CONFIG.value is None:
     _fail("--config is required, e.g. --config experiments/pydocs_attn.py")
@@ -45,6 +45,9 @@ def main(argv):
     summary = train.train(cfg, _WORKDIR.value)
   except UserError as e:
     _fail(" ".join(str(e).split()))
+  except DivergenceError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(DivergenceError.exit_code)
   print("done: " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                             for k, v in summary.items()), flush=True)
 

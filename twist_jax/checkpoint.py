@@ -13,19 +13,18 @@ import orbax.checkpoint as ocp
 from twist_jax.errors import DataError
 
 
-def manager(workdir: str, keep: int = 2, *, best_fn=None) -> ocp.CheckpointManager:
-  """Manager keeping the `keep` most recent steps (and, with `best_fn`, the best one too)."""
-  options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, create=True, enable_async_checkpointing=False,
-      best_fn=best_fn, best_mode="min", keep_checkpoints_without_metrics=True)
+def manager(workdir: str, keep: int | None = None) -> ocp.CheckpointManager:
+  """Manager of WORKDIR/checkpoints; keep=None leaves deleting to the caller (the trainer keeps
+  the last K plus the best by validation loss)."""
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                         enable_async_checkpointing=False)
   return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
                                options=options)
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict, metrics=None) -> None:
+def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict) -> None:
   mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                          meta=ocp.args.JsonSave(meta)), metrics=metrics,
-            force=True)
+                                          meta=ocp.args.JsonSave(meta)), force=True)
   mngr.wait_until_finished()
 
 

@@ -84,7 +84,10 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.ckpt = k = ml_collections.ConfigDict()
   k.every = 300  # steps between checkpoints (and one at the end)
-  k.keep = 2  # most recent checkpoints kept
+  k.keep = 2  # most recent checkpoints kept (plus the best by validation loss)
+  k.on_divergence = "stop"  # NaN/Inf loss or params: stop | rollback (to the last checkpoint,
+  #                           skipping the offending batches)
+  k.max_rollbacks = 3  # rollbacks allowed before stopping anyway
 
   c.log = g = ml_collections.ConfigDict()
   g.every = 1  # rounds between metrics lines
@@ -157,6 +160,8 @@ class EvalConfig:
 class CkptConfig:
   every: int
   keep: int
+  on_divergence: str = "stop"
+  max_rollbacks: int = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,6 +304,8 @@ def from_configdict(c: ml_collections.ConfigDict) -> Config:
   k = _section(CkptConfig, c.ckpt, "ckpt")
   _int("ckpt.every", k.every)
   _int("ckpt.keep", k.keep)
+  _choice("ckpt.on_divergence", k.on_divergence, ("stop", "rollback"))
+  _int("ckpt.max_rollbacks", k.max_rollbacks, allow_zero=True)
   g = _section(LogConfig, c.log, "log")
   _int("log.every", g.every)
   i = _section(InitConfig, c.init, "init")

@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from twist_jax import baselines, checkpoint, config as config_lib, evaluate, subnets
+from twist_jax.subnets import check_kappa, deploy_spec  # noqa: F401  (deploy_spec is API)
 from twist_jax.errors import DataError, UserError
 from twist_jax.model import ModelConfig, init_params
 
@@ -32,39 +33,6 @@ SELECT_WINDOWS = 16  # further validation windows best_of_k selects on (disjoint
 
 
 # ---- which subnet --------------------------------------------------------------------------------
-
-
-def _check_kappa(kappa) -> tuple[float, ...] | float:
-  values = tuple(kappa) if isinstance(kappa, (tuple, list)) else (kappa,)
-  for k in values:
-    if isinstance(k, bool) or not isinstance(k, (int, float)) or not 0 < k <= 1:
-      raise UserError(f"kappa: got {k!r}; each keep ratio must be in (0, 1]")
-  return kappa
-
-
-def deploy_spec(model_cfg: ModelConfig, mode: str, kappa, shared_layers=(),
-                correction: str = "mean") -> subnets.SubnetSpec:
-  """The W = 1 spec of a deployed subnet; `kappa` is a float or one ratio per layer."""
-  _check_kappa(kappa)
-  if mode not in config_lib.MODES:
-    raise UserError(f"mode: got {mode!r}; allowed: {', '.join(config_lib.MODES)}")
-  if correction not in config_lib.CORRECTIONS:
-    raise UserError(f"correction: got {correction!r}; allowed: "
-                    f"{', '.join(config_lib.CORRECTIONS)}")
-  n = model_cfg.n_layer
-  kappas = tuple(float(k) for k in kappa) if isinstance(kappa, (tuple, list)) else (
-      (float(kappa),) * n)
-  if len(kappas) != n:
-    raise UserError(f"kappa: got {len(kappas)} values; need 1 or n_layer={n}")
-  for i in shared_layers:
-    if not 0 <= i < n:
-      raise UserError(f"shared_layers: layer {i} is outside 0..{n - 1}")
-  if mode == "blocks" and len({k for i, k in enumerate(kappas) if i not in shared_layers}) > 1:
-    raise UserError(f"kappa: blocks mode keeps one fraction of the blocks; got {kappas}")
-  # `uniform`: with W = 1 every sampler draws a uniformly random subset; this one says so.
-  sub = config_lib.SubnetConfig(mode, kappas, tuple(sorted(set(shared_layers))), "uniform",
-                                correction)
-  return subnets.make_spec(model_cfg, sub, 1)
 
 
 def candidates(key: jax.Array, spec: subnets.SubnetSpec, k: int) -> list:
@@ -256,7 +224,7 @@ def _parse_kappa(text: str):
   except ValueError:
     raise UserError(f"--kappa: got {text!r}; a ratio in (0, 1] or one per layer, "
                     "comma-separated") from None
-  return _check_kappa(values[0] if len(values) == 1 else values)
+  return check_kappa(values[0] if len(values) == 1 else values)
 
 
 def _parser() -> argparse.ArgumentParser:

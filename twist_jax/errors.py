@@ -21,3 +21,9 @@ class ConfigError(UserError):
 
 class DataError(UserError):
   """Missing, unreadable or empty data: names the path or dataset."""
+
+
+class DivergenceError(RuntimeError):
+  """Training produced a NaN or Inf; the message names the step and the last good checkpoint."""
+
+  exit_code = 3

@@ -29,6 +29,7 @@ import tqdm
 from twist_jax import config as config_lib, subnets
 from twist_jax.errors import ConfigError, DataError, UserError
 from twist_jax.model import GPT2, ModelConfig, next_token_nll
+from twist_jax.subnets import deploy_spec  # noqa: F401  (re-exported: evaluate.deploy_spec)
 
 REPORT_NAME = "golden_tickets"
 
@@ -59,14 +60,6 @@ def perplexity(nll: float) -> float:
 
 
 # ---- many subnets of one ratio -------------------------------------------------------------------
-
-
-def deploy_spec(model: ModelConfig, mode: str, kappa: float, shared_layers=(),
-                correction: str = "none") -> subnets.SubnetSpec:
-  """Spec of one deployed subnet at ratio kappa (heuristic random: independent uniform draws)."""
-  cfg = config_lib.SubnetConfig(mode, (float(kappa),) * model.n_layer, tuple(shared_layers),
-                                "uniform", correction)
-  return subnets.make_spec(model, cfg, 1)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))

@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from twist_jax.errors import ConfigError
+from twist_jax import config
+from twist_jax.errors import ConfigError, UserError
 from twist_jax.model import ModelConfig
 
 # Where a unit lives inside a block's leaves: (leaf path, dim of the leaf that holds the
@@ -101,6 +102,42 @@ def _groups(spec: SubnetSpec):
     if "unit" in spec.unit_kinds:
       out.append((spec.n_inner[i], spec.keep_unit[i]))
   return out
+
+
+# ---- deployment specs ----------------------------------------------------------------------
+
+
+def check_kappa(kappa) -> tuple[float, ...] | float:
+  values = tuple(kappa) if isinstance(kappa, (tuple, list)) else (kappa,)
+  for k in values:
+    if isinstance(k, bool) or not isinstance(k, (int, float)) or not 0 < k <= 1:
+      raise UserError(f"kappa: got {k!r}; each keep ratio must be in (0, 1]")
+  return kappa
+
+
+def deploy_spec(model_cfg: ModelConfig, mode: str, kappa, shared_layers=(),
+                correction: str = "mean") -> SubnetSpec:
+  """The W = 1 spec of a deployed subnet; `kappa` is a float or one ratio per layer."""
+  check_kappa(kappa)
+  if mode not in config.MODES:
+    raise UserError(f"mode: got {mode!r}; allowed: {', '.join(config.MODES)}")
+  if correction not in config.CORRECTIONS:
+    raise UserError(f"correction: got {correction!r}; allowed: "
+                    f"{', '.join(config.CORRECTIONS)}")
+  n = model_cfg.n_layer
+  kappas = tuple(float(k) for k in kappa) if isinstance(kappa, (tuple, list)) else (
+      (float(kappa),) * n)
+  if len(kappas) != n:
+    raise UserError(f"kappa: got {len(kappas)} values; need 1 or n_layer={n}")
+  for i in shared_layers:
+    if not 0 <= i < n:
+      raise UserError(f"shared_layers: layer {i} is outside 0..{n - 1}")
+  if mode == "blocks" and len({k for i, k in enumerate(kappas) if i not in shared_layers}) > 1:
+    raise UserError(f"kappa: blocks mode keeps one fraction of the blocks; got {kappas}")
+  # `uniform`: with W = 1 every sampler draws a uniformly random subset; this one says so.
+  sub = config.SubnetConfig(mode, kappas, tuple(sorted(set(shared_layers))), "uniform",
+                                correction)
+  return make_spec(model_cfg, sub, 1)
 
 
 # ---- samplers -----------------------------------------------------------------------------------

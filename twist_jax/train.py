@@ -8,6 +8,8 @@ resumed run draws the same subnets as an uninterrupted one.
 import dataclasses
 import json
 import os
+import signal
+import threading
 import time
 
 import jax
@@ -17,7 +19,7 @@ import tqdm
 
 from twist_jax import aggregate, checkpoint, config as config_lib, data, evaluate, parallel
 from twist_jax import subnets, variants, worker
-from twist_jax.errors import ConfigError, DataError
+from twist_jax.errors import ConfigError, DivergenceError
 from twist_jax.model import ModelConfig, flops_per_token, init_params
 
 
@@ -121,19 +123,20 @@ class MetricsLog:
   def __init__(self, workdir: str, resume_step: int | None):
     self.path = os.path.join(workdir, "metrics.jsonl")
     if os.path.exists(self.path):
-      self._truncate(resume_step or 0)
+      self.truncate(resume_step or 0)
     from tensorboardX import SummaryWriter
 
     self.tb = SummaryWriter(os.path.join(workdir, "tb"))
 
-  def _truncate(self, step: int) -> None:
+  def truncate(self, step: int) -> None:
     """Drops lines after the checkpoint we resume from, so no step appears twice."""
     with open(self.path) as f:
       lines = [ln for ln in f if ln.strip()]
     keep = []
     for ln in lines:
       try:
-        if json.loads(ln).get("step", 0) <= step:
+        rec = json.loads(ln)
+        if rec.get("step", 0) < step or (rec.get("step") == step and "event" not in rec):
           keep.append(ln)
       except json.JSONDecodeError:
         break  # a torn last line from a crash
@@ -167,6 +170,30 @@ def _due(step: int, every: int, r_steps: int, last: int) -> bool:
   return step == last or (step // every) > ((step - r_steps) // every)
 
 
+class _StopOnSignal:
+  """SIGTERM / SIGINT set a flag that the loop checks between rounds (a second one aborts)."""
+
+  def __init__(self):
+    self.signal = None
+    self._old = {}
+
+  def _handle(self, signum, frame):
+    if self.signal is not None:  # second signal: stop at once
+      signal.signal(signum, self._old.get(signum, signal.SIG_DFL))
+      raise KeyboardInterrupt
+    self.signal = signal.Signals(signum).name
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for s in (signal.SIGTERM, signal.SIGINT):
+        self._old[s] = signal.signal(s, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for s, old in self._old.items():
+      signal.signal(s, old)
+
+
 class Trainer:
   """Owns the mutable state of one run (state, iterator, logs) and runs it to cfg.steps."""
 
@@ -183,23 +210,35 @@ class Trainer:
     self.state = jax.device_put(variants.init_state(run.ctx, run.init_params),
                                 parallel.replicated(run.ctx.mesh))
     self.step = 0
-    self.mngr = checkpoint.manager(run.workdir, cfg.ckpt.keep)
+    self.best = None  # (val_loss, step) of the best checkpoint
+    self.rollbacks = 0
+    self.mngr = checkpoint.manager(run.workdir, None)
 
   # -- checkpoints --
   def meta(self) -> dict:
     return {"step": self.step, "data": self.it.get_state(), "model": self.run.model.to_dict(),
-            "variant": self.run.cfg.twist.variant}
+            "variant": self.run.cfg.twist.variant, "best": self.best}
 
   def save(self) -> None:
+    """Saves this step, then deletes all but the last `ckpt.keep` and the best one."""
     checkpoint.save(self.mngr, self.step, self.state, self.meta())
+    steps = sorted(self.mngr.all_steps())
+    keep = set(steps[-self.run.cfg.ckpt.keep:]) | ({self.best[1]} if self.best else set())
+    for s in steps:
+      if s not in keep:
+        self.mngr.delete(s)
+
+  def restore(self, step: int) -> dict:
+    self.state, meta = checkpoint.restore(self.mngr, step, self.state)
+    self.step = int(meta["step"])
+    self.best = tuple(meta["best"]) if meta.get("best") else None
+    return meta
 
   def maybe_resume(self) -> int | None:
     latest = self.mngr.latest_step()
     if latest is None:
       return None
-    self.state, meta = checkpoint.restore(self.mngr, latest, self.state)
-    self.step = int(meta["step"])
-    self.it.set_state(meta["data"])
+    self.it.set_state(self.restore(latest)["data"])
     return self.step
 
   # -- one round --
@@ -213,43 +252,81 @@ class Trainer:
                             self.run.cfg.eval.batch_size)
     return {"step": self.step, "val_loss": nll, "val_ppl": evaluate.perplexity(nll)}
 
+  def _diverged(self, log: "MetricsLog", bad_step: int) -> None:
+    """Stops with a clear message, or (ckpt.on_divergence=rollback) restores the last good
+    checkpoint and goes on with the data after the offending batches."""
+    cfg, last = self.run.cfg, self.mngr.latest_step()
+    where = f"step {last} in {self.mngr.directory}" if last is not None else "none"
+    msg = (f"non-finite loss or parameters in the round ending at step {bad_step}; "
+           f"last good checkpoint: {where}")
+    if cfg.ckpt.on_divergence != "rollback" or last is None or (
+        self.rollbacks >= cfg.ckpt.max_rollbacks):
+      raise DivergenceError(msg)
+    data_state = self.it.get_state()  # already past the offending batches: skip them
+    self.restore(last)
+    self.it.set_state(data_state)
+    self.rollbacks += 1
+    log.truncate(self.step)
+    log.write({"step": self.step, "event": "rollback", "bad_step": bad_step})
+    print(f"warning: {msg}; rolled back (rollback {self.rollbacks} of "
+          f"{cfg.ckpt.max_rollbacks})", flush=True)
+
   def fit(self) -> dict:
     cfg, r_steps = self.run.cfg, self.run.cfg.twist.local_steps
     resumed = self.maybe_resume()
     log = MetricsLog(self.run.workdir, resumed)
     if resumed is not None:
+      log.write({"step": resumed, "event": "resumed", "from": str(self.mngr.directory)})
       print(f"resumed from checkpoint at step {resumed} in {self.mngr.directory}", flush=True)
+    else:
+      self.save()  # step 0: a rollback target, and nothing is lost before the first interval
     tokens_per_round = cfg.twist.workers * cfg.data.batch_size * cfg.model.context * r_steps
     sharding = parallel.worker_sharded(self.run.ctx.mesh)
     bar = tqdm.tqdm(total=cfg.steps, initial=self.step, unit="step", dynamic_ncols=True,
                     disable=not cfg.log.progress)
-    last_val = {}
+    summary = {}
     try:
-      while self.step < cfg.steps:
-        rnd = self.step // r_steps
-        t0 = time.perf_counter()
-        subnets_W = self._subnets(rnd)
-        batches = _round_batches(self.it, r_steps, sharding)
-        self.state, metrics = self.round_fn(self.state, subnets_W, batches, jnp.int32(self.step))
-        loss_WxR = np.asarray(metrics["loss"])  # the one host sync per round
-        self.step += r_steps
-        dt = time.perf_counter() - t0
-        record = self._train_record(rnd, loss_WxR, metrics, subnets_W, dt, tokens_per_round)
-        if rnd % cfg.log.every == 0 or self.step == cfg.steps:
-          log.write(record)
-        bar.update(r_steps)
-        bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-        if _due(self.step, cfg.eval.every, r_steps, cfg.steps):
-          last_val = self.validate()
-          log.write(last_val)
-          bar.write(f"step {self.step}: val_loss {last_val['val_loss']:.4f} "
-                    f"val_ppl {last_val['val_ppl']:.2f}")
-        if _due(self.step, cfg.ckpt.every, r_steps, cfg.steps):
-          self.save()
+      with _StopOnSignal() as stop:
+        while self.step < cfg.steps:
+          rnd = self.step // r_steps
+          t0 = time.perf_counter()
+          subnets_W = self._subnets(rnd)
+          batches = _round_batches(self.it, r_steps, sharding)
+          state, metrics = self.round_fn(self.state, subnets_W, batches, jnp.int32(self.step))
+          loss_WxR = np.asarray(metrics["loss"])  # the one host sync per round
+          if not bool(metrics["finite"]):
+            self._diverged(log, self.step + r_steps)
+            bar.n = self.step
+            continue
+          self.state, self.step = state, self.step + r_steps
+          record = self._train_record(rnd, loss_WxR, metrics, subnets_W,
+                                      time.perf_counter() - t0, tokens_per_round)
+          if rnd % cfg.log.every == 0 or self.step == cfg.steps:
+            log.write(record)
+          bar.update(r_steps)
+          bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+          summary.update(step=self.step, loss=record["loss"])
+          improved = False
+          if _due(self.step, cfg.eval.every, r_steps, cfg.steps):
+            val = self.validate()
+            log.write(val)
+            summary.update(val_loss=val["val_loss"], val_ppl=val["val_ppl"])
+            bar.write(f"step {self.step}: val_loss {val['val_loss']:.4f} "
+                      f"val_ppl {val['val_ppl']:.2f}")
+            improved = self.best is None or val["val_loss"] < self.best[0]
+            if improved:
+              self.best = (val["val_loss"], self.step)
+          if improved or _due(self.step, cfg.ckpt.every, r_steps, cfg.steps) or stop.signal:
+            self.save()
+          if stop.signal:
+            summary["interrupted"] = stop.signal
+            bar.write(f"{stop.signal}: checkpoint saved at step {self.step}; rerun the same "
+                      "command to resume")
+            break
     finally:
       bar.close()
       log.close()
-    return {"step": self.step, "loss": record["loss"] if self.step else None, **last_val}
+    return summary
 
   def _train_record(self, rnd, loss_WxR, metrics, subnets_W, dt, tokens) -> dict:
     record = {"step": self.step, "round": rnd, "loss": float(loss_WxR.mean()),

@@ -75,6 +75,11 @@ def _masked_worker(ctx: RoundContext):
 # ---- aggregation of worker outputs ------------------------------------------------------------
 
 
+def _all_finite(*trees) -> jax.Array:
+  """One boolean: no NaN or Inf anywhere (the trainer stops or rolls back on False)."""
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(trees)]))
+
+
 def _merge(ctx: RoundContext, state, values_W, hold_W, opt_W, losses_WxR):
   """Masked mean of params (and, with opt_state=slice, of Adam moments); optional outer step."""
   params = state["params"]
@@ -91,7 +96,8 @@ def _merge(ctx: RoundContext, state, values_W, hold_W, opt_W, losses_WxR):
   new = mean
   if ctx.outer is not None:
     new, outer_state = aggregate.apply_outer(ctx.outer, outer_state, params, mean)
-  metrics = {"loss": losses_WxR, "delta_norm": aggregate.delta_norm(params, new)}
+  metrics = {"loss": losses_WxR, "delta_norm": aggregate.delta_norm(params, new),
+             "finite": _all_finite(new, losses_WxR)}
   return {"params": new, "opt_state": opt_state, "outer_state": outer_state}, metrics
 
 
@@ -164,7 +170,8 @@ def ddp_round(ctx: RoundContext):
   def round_fn(state, subnets_W, batches_WxRxBxLp1, step0):
     del subnets_W  # the dense model has no subnets
     params, opt_state, losses = run(state["params"], state["opt_state"], batches_WxRxBxLp1, step0)
-    metrics = {"loss": losses, "delta_norm": aggregate.delta_norm(state["params"], params)}
+    metrics = {"loss": losses, "delta_norm": aggregate.delta_norm(state["params"], params),
+               "finite": _all_finite(params, losses)}
     return {"params": params, "opt_state": opt_state, "outer_state": state["outer_state"]}, metrics
   return round_fn
 

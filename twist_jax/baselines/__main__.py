@@ -68,7 +68,7 @@ def calibration_windows(dataset, cfg, count: int) -> np.ndarray:
 def structured_spec(model, kappa: float, mode: str, shared) -> subnets.SubnetSpec:
   """The pruned model's shape; correction 'none': a pruning baseline rescales nothing."""
   try:
-    return evaluate.deploy_spec(model, mode, kappa, shared, "none")
+    return subnets.deploy_spec(model, mode, kappa, shared, "none")
   except ConfigError as e:  # name the CLI's argument, not the training config field
     raise UserError(f"--sparsity: keeping kappa = {kappa:g} in {mode} mode: "
                     f"{str(e).split(': ', 1)[-1]}") from None
