@@ -34,6 +34,7 @@ def default_config() -> ml_collections.ConfigDict:
   m.n_head = 8  # H
   m.n_embd = 128  # D
   m.n_inner = 0  # F; 0 means 4 * n_embd
+  m.head_dim = 0  # K; 0 means n_embd / n_head (set it for a narrow dense control model)
   m.context = 128  # L: training window and model positions
   m.dtype = "float32"  # compute dtype (float32 | bfloat16); params are float32
   m.attention = "xla"  # xla | cudnn (GPU flash attention) | auto
@@ -185,10 +186,12 @@ class ModelSpec:
   context: int
   dtype: str
   attention: str
+  head_dim: int = 0
 
   def model_config(self, vocab_size: int) -> ModelConfig:
     return ModelConfig.uniform(n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd,
-                               n_inner=self.n_inner or None, vocab_size=vocab_size,
+                               n_inner=self.n_inner or None, head_dim=self.head_dim or None,
+                               vocab_size=vocab_size,
                                n_positions=self.context, dtype=self.dtype,
                                attention=self.attention)
 
@@ -255,7 +258,8 @@ def from_configdict(c: ml_collections.ConfigDict) -> Config:
   for f in ("n_layer", "n_head", "n_embd", "context"):
     _int(f"model.{f}", getattr(m, f))
   _int("model.n_inner", m.n_inner, allow_zero=True)
-  if m.n_embd % m.n_head:
+  _int("model.head_dim", m.head_dim, allow_zero=True)
+  if not m.head_dim and m.n_embd % m.n_head:
     raise ConfigError("model.n_head", f"n_embd={m.n_embd} must be divisible by n_head={m.n_head}")
   _choice("model.dtype", m.dtype, DTYPES)
   _choice("model.attention", m.attention, ATTENTION_IMPLS)

@@ -41,12 +41,13 @@ class ModelConfig:
 
   @classmethod
   def uniform(cls, *, n_layer: int, n_head: int, n_embd: int, n_inner: int | None = None,
-              **kw) -> "ModelConfig":
-    """A plain GPT-2 shape: every layer has H heads and F = n_inner (default 4D) units."""
-    if n_embd % n_head:
+              head_dim: int | None = None, **kw) -> "ModelConfig":
+    """A plain GPT-2 shape: every layer has H heads of K = head_dim (default D/H) and
+    F = n_inner (default 4D) units."""
+    if not head_dim and n_embd % n_head:
       raise ValueError(f"n_embd={n_embd} is not divisible by n_head={n_head}")
     f = n_inner or 4 * n_embd
-    return cls(n_embd=n_embd, head_dim=n_embd // n_head, n_head=(n_head,) * n_layer,
+    return cls(n_embd=n_embd, head_dim=head_dim or n_embd // n_head, n_head=(n_head,) * n_layer,
                n_inner=(f,) * n_layer, attn_scale=(1.0,) * n_layer,
                mlp_scale=(1.0,) * n_layer, **kw)
 
