@@ -134,3 +134,44 @@ def test_resume_with_a_different_config_is_refused(finished_run, tmp_path):
   c.subnet.kappa = 0.25
   with pytest.raises(config_lib.ConfigError, match="subnet.kappa"):
     train.train(config_lib.from_configdict(c), finished_run)
+
+
+def test_init_from_run_starts_from_its_latest_params(finished_run, tmp_path):
+  from twist_jax import checkpoint
+  import numpy as np
+  import jax
+
+  c = load_experiment("pydocs_attn", "smoke")
+  c.init.from_run = finished_run
+  run = train.build(config_lib.from_configdict(c), str(tmp_path / "ft"))
+  _, _, params = checkpoint.load_run(finished_run)
+  for a, b in zip(jax.tree.leaves(run.init_params), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  c.model.context = 64  # longer than the source run's positions
+  with pytest.raises(config_lib.ConfigError, match="model.context"):
+    train.build(config_lib.from_configdict(c), str(tmp_path / "ft2"))
+
+
+def test_init_from_a_hugging_face_folder(tmp_path):
+  import numpy as np
+  import jax
+  import torch
+  import transformers
+
+  torch.manual_seed(0)
+  hf_cfg = transformers.GPT2Config(vocab_size=256, n_positions=64, n_embd=32, n_layer=2,
+                                   n_head=4)
+  transformers.GPT2LMHeadModel(hf_cfg).save_pretrained(tmp_path / "hf")
+  c = load_experiment("pydocs_attn", "smoke")
+  c.init.hf = str(tmp_path / "hf")
+  c.log.progress = False
+  run = train.build(config_lib.from_configdict(c), str(tmp_path / "run"))
+  np.testing.assert_allclose(
+      np.asarray(run.init_params["h_1"]["mlp"]["c_fc"]["kernel"]),
+      transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").transformer.h[1].mlp.c_fc
+      .weight.detach().numpy(), rtol=1e-6)
+  assert run.model.n_positions == 32 and run.init_params["wpe"]["embedding"].shape == (32, 32)
+  proc, workdir = run_launch(tmp_path, f"--config.init.hf={tmp_path / 'hf'}",
+                             "--config.model.context=128")
+  assert proc.returncode == 2 and "n_positions" in proc.stderr, proc.stderr
+  assert not workdir.exists()
