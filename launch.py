@@ -11,6 +11,11 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (NAME.py[:ARG]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: config, metrics, checkpoints.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", "", "Several hosts: host:port of process 0 (or JAX_COORDINATOR_ADDRESS; "
+    "under SLURM JAX finds it itself).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Several hosts: number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "Several hosts: this process's index.")
 
 
 def _fail(message: str) -> None:
@@ -33,6 +38,9 @@ def _parse(argv):
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax and tfds log every file at INFO
+  from twist_jax import parallel
+
+  parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   from twist_jax import config as config_lib, train
   from twist_jax.errors import DivergenceError, UserError
 

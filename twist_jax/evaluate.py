@@ -44,13 +44,18 @@ def _window_nll_sum(params, cfg: ModelConfig, windows_BxLp1, masks=None):
 
 
 def mean_nll(params, cfg: ModelConfig, windows_MxLp1: np.ndarray, batch_size: int = 32,
-             masks=None) -> float:
-  """Mean next-token NLL (nats) over all windows; the last batch is padded, not dropped."""
+             masks=None, sharding=None) -> float:
+  """Mean next-token NLL (nats) over all windows (a smaller last batch is kept, not dropped).
+
+  `sharding`: where to put each batch, e.g. replicated over the training mesh when the params
+  live there (several processes); default: the default device.
+  """
   windows_MxLp1 = np.asarray(windows_MxLp1, np.int32)
+  put = (lambda x: jax.device_put(x, sharding)) if sharding is not None else jnp.asarray
   total, count = 0.0, 0
   for start in range(0, len(windows_MxLp1), batch_size):
     chunk = windows_MxLp1[start:start + batch_size]
-    total += float(_window_nll_sum(params, cfg, jnp.asarray(chunk), masks))
+    total += float(_window_nll_sum(params, cfg, put(chunk), masks))
     count += chunk.shape[0] * (chunk.shape[1] - 1)
   return total / count
 

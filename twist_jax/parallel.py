@@ -3,6 +3,8 @@
 Everything that knows about devices lives here; the math (model, subnets, aggregation) does not.
 """
 
+import os
+
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
@@ -51,3 +53,24 @@ def map_over_workers(fn, mesh: Mesh, in_axes, out_axes=0):
                if isinstance(out_axes, tuple) else spec(out_axes))
   return jax.shard_map(jax.vmap(fn, in_axes=in_axes, out_axes=out_axes), mesh=mesh,
                        in_specs=in_specs, out_specs=out_specs, check_vma=False)
+
+
+def initialize_distributed(coordinator: str = "", num_processes: int = 0,
+                           process_id: int = -1) -> bool:
+  """Joins JAX's multi-controller runtime when asked to (flags, or the environment variables
+  JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, or a SLURM job step, which
+  JAX detects itself). Must run before anything touches a device. Returns True if it did."""
+  coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
+  num_processes = num_processes or int(os.environ.get("JAX_NUM_PROCESSES", "0"))
+  process_id = process_id if process_id >= 0 else int(os.environ.get("JAX_PROCESS_ID", "-1"))
+  in_slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1
+  if not (coordinator or num_processes > 1 or in_slurm):
+    return False
+  if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU needs gloo across hosts
+  kw = {}
+  if coordinator:
+    kw = dict(coordinator_address=coordinator, num_processes=num_processes,
+              process_id=process_id)
+  jax.distributed.initialize(**kw)
+  return True

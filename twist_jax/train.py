@@ -73,6 +73,9 @@ def build(cfg: config_lib.Config, workdir: str) -> Run:
   model, params = _model_config(cfg, dataset.vocab_size)
   if params is None:
     params = _initial_params(cfg, model)
+  if cfg.twist.variant == "hybrid" and jax.process_count() > 1:
+    raise ConfigError("twist.variant", "hybrid runs in one process (its central device holds "
+                      "the masked worker); use true or masked across hosts")
   spec = None
   if cfg.twist.variant != "ddp":
     spec = subnets.make_spec(model, cfg.subnet, cfg.twist.workers)
@@ -118,10 +121,14 @@ def _check_resume_config(workdir: str, resolved: dict) -> None:
 
 
 class MetricsLog:
-  """metrics.jsonl (one JSON object a line) plus TensorBoard scalars."""
+  """metrics.jsonl (one JSON object a line) plus TensorBoard scalars; written by process 0."""
 
   def __init__(self, workdir: str, resume_step: int | None):
     self.path = os.path.join(workdir, "metrics.jsonl")
+    self.enabled = jax.process_index() == 0
+    self.tb = None
+    if not self.enabled:
+      return
     if os.path.exists(self.path):
       self.truncate(resume_step or 0)
     from tensorboardX import SummaryWriter
@@ -130,6 +137,8 @@ class MetricsLog:
 
   def truncate(self, step: int) -> None:
     """Drops lines after the checkpoint we resume from, so no step appears twice."""
+    if not self.enabled or not os.path.exists(self.path):
+      return
     with open(self.path) as f:
       lines = [ln for ln in f if ln.strip()]
     keep = []
@@ -146,6 +155,8 @@ class MetricsLog:
     os.replace(tmp, self.path)
 
   def write(self, record: dict) -> None:
+    if not self.enabled:
+      return
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
     for k, v in record.items():
@@ -153,7 +164,8 @@ class MetricsLog:
         self.tb.add_scalar(k, v, record["step"])
 
   def close(self) -> None:
-    self.tb.close()
+    if self.tb is not None:
+      self.tb.close()
 
 
 # ---- the loop ------------------------------------------------------------------------------------
@@ -243,13 +255,16 @@ class Trainer:
 
   # -- one round --
   def _subnets(self, rnd: int):
+    """Round r's subnets (from fold_in(key, r)): a host copy, and one split over the mesh."""
     if self.sample is None:
-      return {}
-    return self.sample(jax.random.fold_in(self.subnet_key, rnd), self.run.spec)
+      return {}, {}
+    subs = jax.device_get(self.sample(jax.random.fold_in(self.subnet_key, rnd), self.run.spec))
+    return subs, jax.device_put(subs, parallel.worker_sharded(self.run.ctx.mesh))
 
   def validate(self) -> dict:
     nll = evaluate.mean_nll(self.state["params"], self.run.model, self.val_windows,
-                            self.run.cfg.eval.batch_size)
+                            self.run.cfg.eval.batch_size,
+                            sharding=parallel.replicated(self.run.ctx.mesh))
     return {"step": self.step, "val_loss": nll, "val_ppl": evaluate.perplexity(nll)}
 
   def _diverged(self, log: "MetricsLog", bad_step: int) -> None:
@@ -283,16 +298,16 @@ class Trainer:
     tokens_per_round = cfg.twist.workers * cfg.data.batch_size * cfg.model.context * r_steps
     sharding = parallel.worker_sharded(self.run.ctx.mesh)
     bar = tqdm.tqdm(total=cfg.steps, initial=self.step, unit="step", dynamic_ncols=True,
-                    disable=not cfg.log.progress)
+                    disable=not cfg.log.progress or jax.process_index() > 0)
     summary = {}
     try:
       with _StopOnSignal() as stop:
         while self.step < cfg.steps:
           rnd = self.step // r_steps
           t0 = time.perf_counter()
-          subnets_W = self._subnets(rnd)
+          subnets_W, subnets_dev = self._subnets(rnd)
           batches = _round_batches(self.it, r_steps, sharding)
-          state, metrics = self.round_fn(self.state, subnets_W, batches, jnp.int32(self.step))
+          state, metrics = self.round_fn(self.state, subnets_dev, batches, jnp.int32(self.step))
           loss_WxR = np.asarray(metrics["loss"])  # the one host sync per round
           if not bool(metrics["finite"]):
             self._diverged(log, self.step + r_steps)
@@ -346,10 +361,13 @@ def train(cfg: config_lib.Config, workdir: str) -> dict:
   _check_resume_config(workdir, resolved)
   run = build(cfg, workdir)
   os.makedirs(workdir, exist_ok=True)
-  _write_json_atomic(os.path.join(workdir, "config.json"), resolved)
+  if jax.process_index() == 0:
+    _write_json_atomic(os.path.join(workdir, "config.json"), resolved)
   n_params = run.model.num_params()
-  print(f"twist_jax: {cfg.twist.variant} | model {n_params / 1e6:.2f}M params, "
-        f"{flops_per_token(run.model, cfg.model.context) / 1e6:.1f} MFLOP/token | "
-        f"W={cfg.twist.workers} on {run.ctx.mesh.devices.size} device(s) | "
-        f"{data.protocol(cfg.data, cfg.model.context)}", flush=True)
+  if jax.process_index() == 0:
+    print(f"twist_jax: {cfg.twist.variant} | model {n_params / 1e6:.2f}M params, "
+          f"{flops_per_token(run.model, cfg.model.context) / 1e6:.1f} MFLOP/token | "
+          f"W={cfg.twist.workers} on {run.ctx.mesh.devices.size} device(s), "
+          f"{jax.process_count()} process(es) | "
+          f"{data.protocol(cfg.data, cfg.model.context)}", flush=True)
   return Trainer(run).fit()

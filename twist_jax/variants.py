@@ -75,6 +75,11 @@ def _masked_worker(ctx: RoundContext):
 # ---- aggregation of worker outputs ------------------------------------------------------------
 
 
+def _replicate(mesh: Mesh, x):
+  """Per-worker metrics gathered onto every device, so every process can read them."""
+  return jax.lax.with_sharding_constraint(x, parallel.replicated(mesh))
+
+
 def _all_finite(*trees) -> jax.Array:
   """One boolean: no NaN or Inf anywhere (the trainer stops or rolls back on False)."""
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(trees)]))
@@ -108,7 +113,8 @@ def _twist_round(ctx: RoundContext, worker_fn):
   def round_fn(state, subnets_W, batches_WxRxBxLp1, step0):
     values_W, hold_W, opt_W, losses_WxR = run_workers(
         state["params"], state["opt_state"], subnets_W, batches_WxRxBxLp1, step0)
-    return _merge(ctx, state, values_W, hold_W, opt_W, losses_WxR)
+    return _merge(ctx, state, values_W, hold_W, opt_W,
+                  _replicate(ctx.mesh, losses_WxR))
   return round_fn
 
 
@@ -170,6 +176,7 @@ def ddp_round(ctx: RoundContext):
   def round_fn(state, subnets_W, batches_WxRxBxLp1, step0):
     del subnets_W  # the dense model has no subnets
     params, opt_state, losses = run(state["params"], state["opt_state"], batches_WxRxBxLp1, step0)
+    losses = _replicate(ctx.mesh, losses)
     metrics = {"loss": losses, "delta_norm": aggregate.delta_norm(state["params"], params),
                "finite": _all_finite(params, losses)}
     return {"params": params, "opt_state": opt_state, "outer_state": state["outer_state"]}, metrics
