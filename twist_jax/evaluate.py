@@ -355,9 +355,8 @@ def report_markdown(report: dict) -> str:
 
 
 def _pyplot():
-  import matplotlib
-
-  matplotlib.use("Agg")  # files only; never open a window
+  # No backend is forced: headless machines fall back to Agg by themselves, and a notebook
+  # keeps its inline backend.
   import matplotlib.pyplot as plt
 
   return plt

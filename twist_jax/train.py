@@ -299,7 +299,11 @@ class Trainer:
     sharding = parallel.worker_sharded(self.run.ctx.mesh)
     bar = tqdm.tqdm(total=cfg.steps, initial=self.step, unit="step", dynamic_ncols=True,
                     disable=not cfg.log.progress or jax.process_index() > 0)
-    summary = {}
+    summary = {"step": self.step}
+    if self.step >= cfg.steps:
+      print(f"nothing to do: the run in {self.run.workdir} already reached step {self.step}",
+            flush=True)
+      summary["already_finished"] = True
     try:
       with _StopOnSignal() as stop:
         while self.step < cfg.steps:
