@@ -18,20 +18,11 @@ from twist_jax import checkpoint, config, deploy, evaluate, subnets
 from twist_jax.errors import DataError, UserError
 from twist_jax.model import GPT2, ModelConfig, init_params
 
+from helpers import exit_code, random_params
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = ModelConfig.uniform(n_layer=4, n_head=4, n_embd=32, vocab_size=256, n_positions=16)
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 12)), jnp.int32)
-
-
-def random_params(cfg, seed=0, std=0.3):
-  """N(0, std) everywhere (LayerNorm scales around 1): large enough that every unit and the
-  correction visibly change the logits. NumPy draws keep the test fast on CPU."""
-  rng = np.random.default_rng(seed)
-  shapes = flax.traverse_util.flatten_dict(
-      jax.eval_shape(lambda: init_params(cfg, jax.random.key(0))))
-  return flax.traverse_util.unflatten_dict({
-      k: jnp.asarray((k[-1] == "scale") + std * rng.standard_normal(x.shape, np.float32))
-      for k, x in shapes.items()})
 
 
 @functools.partial(jax.jit, static_argnums=(1,))
@@ -270,11 +261,7 @@ def mlp_run(tmp_path_factory):
 
 def run_cli(capsys, *args):
   """(exit status, parsed JSON or None, stderr) of an in-process `python -m twist_jax.deploy`."""
-  try:
-    deploy.main([str(a) for a in args])
-    code = 0
-  except SystemExit as e:
-    code = e.code
+  code = exit_code(deploy.main, args)
   out, err = capsys.readouterr()
   lines = [ln for ln in out.splitlines() if ln.startswith("{")]
   return code, (json.loads(lines[-1]) if code == 0 else None), err

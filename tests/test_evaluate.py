@@ -15,20 +15,11 @@ import pytest
 from twist_jax import config, evaluate, subnets
 from twist_jax.model import ModelConfig, init_params
 
+from helpers import random_params
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = ModelConfig.uniform(n_layer=2, n_head=4, n_embd=32, vocab_size=64, n_positions=16)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def random_params(cfg, seed=0, std=0.3):
-  """N(0, std) weights (LayerNorm scales around 1): large enough that subnets differ clearly.
-  NumPy draws: jitted threefry over many leaf shapes compiles slowly on CPU."""
-  rng = np.random.default_rng(seed)
-  shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
-  flat = flax.traverse_util.flatten_dict(shapes)
-  return flax.traverse_util.unflatten_dict({
-      k: jnp.asarray((k[-1] == "scale") + std * rng.standard_normal(x.shape, np.float32))
-      for k, x in flat.items()})
 
 
 @pytest.fixture(scope="module")

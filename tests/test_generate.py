@@ -19,17 +19,10 @@ from twist_jax import config, deploy, generate
 from twist_jax.errors import UserError
 from twist_jax.model import GPT2, ModelConfig, init_params
 
+from helpers import exit_code, random_params
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = ModelConfig.uniform(n_layer=2, n_head=4, n_embd=32, vocab_size=256, n_positions=8)
-
-
-def random_params(cfg, seed=0, std=0.3):
-  rng = np.random.default_rng(seed)
-  shapes = flax.traverse_util.flatten_dict(
-      jax.eval_shape(lambda: init_params(cfg, jax.random.key(0))))
-  return flax.traverse_util.unflatten_dict({
-      k: jnp.asarray((k[-1] == "scale") + std * rng.standard_normal(x.shape, np.float32))
-      for k, x in shapes.items()})
 
 
 @pytest.fixture(scope="module")
@@ -113,11 +106,7 @@ def deployed(params, tmp_path_factory):
 
 
 def run_cli(capsys, *args):
-  try:
-    generate.main([str(a) for a in args])
-    code = 0
-  except SystemExit as e:
-    code = e.code
+  code = exit_code(generate.main, args)
   out, err = capsys.readouterr()
   return code, out, err
 

@@ -1,6 +1,7 @@
 """Hugging Face GPT-2 import/export against transformers itself: same logits both ways, clear
 errors for corrupt folders and for shapes transformers cannot represent."""
 
+import functools
 import json
 import os
 
@@ -13,6 +14,10 @@ import pytest
 from twist_jax import hf
 from twist_jax.errors import DataError, UserError
 from twist_jax.model import GPT2, ModelConfig, init_params
+
+from helpers import random_params
+random_params = functools.partial(random_params, std=0.1)
+
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -165,17 +170,6 @@ def test_unreachable_hub_id_is_data_error(monkeypatch, tmp_path):
 
 
 # ------------------------------------------------------------------------------------- export
-
-
-def random_params(cfg, seed=0, std=0.1):
-  """N(0, std) params of shape `cfg`, LayerNorm scales around 1 (NumPy draws: nothing to
-  compile, unlike threefry over every leaf shape)."""
-  rng = np.random.default_rng(seed)
-  shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
-  flat = flax.traverse_util.flatten_dict(shapes)
-  return flax.traverse_util.unflatten_dict({
-      k: jnp.asarray((k[-1] == "scale") + std * rng.standard_normal(x.shape, np.float32))
-      for k, x in flat.items()})
 
 
 TINY = ModelConfig.uniform(n_layer=2, n_head=4, n_embd=64, n_inner=96, vocab_size=256,

@@ -11,6 +11,8 @@ import pytest
 
 from twist_jax.model import GPT2, ModelConfig, flops_per_token, init_params, lm_loss
 
+from helpers import random_params
+
 # Non-uniform per-layer widths: layer 0 has 4 heads and F = 48, layer 1 has 2 heads and F = 96.
 CFG = ModelConfig(vocab_size=256, n_positions=32, n_embd=32, head_dim=8, n_head=(4, 2),
                   n_inner=(48, 96), attn_scale=(1.0, 1.0), mlp_scale=(1.0, 1.0))
@@ -20,17 +22,6 @@ B, L = 2, 12
 
 def param_shapes(cfg):
   return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
-
-
-def random_params(cfg, seed=0, std=0.3):
-  """Random params of shape `cfg`: N(0, std) everywhere, LayerNorm scales around 1. Larger than
-  GPT-2's 0.02 init so that no term is negligible in the comparisons. NumPy draws: jitted
-  threefry over many leaf shapes takes seconds to compile on CPU."""
-  rng = np.random.default_rng(seed)
-  flat = flax.traverse_util.flatten_dict(param_shapes(cfg))
-  return flax.traverse_util.unflatten_dict({
-      k: jnp.asarray((k[-1] == "scale") + std * rng.standard_normal(x.shape, np.float32))
-      for k, x in flat.items()})
 
 
 def tokens(seed=0, b=B, l=L):
