@@ -1,7 +1,7 @@
 """TwIST vs DDP throughput: tokens/s, round time, peak device memory and bytes across devices.
 
   python bench/twist_throughput.py --preset 124m --batch 16 --context 1024 --dtype bfloat16 \
-      --attention cudnn                       # GPU (the issue's GPT-2 124M, attn_mlp setting)
+      --attention cudnn                       # GPU (GPT-2 124M, attn_mlp)
   python bench/twist_throughput.py --quick    # CPU: tiny model, a few seconds per case
 
 Each (variant, kappa) case runs in its own process so peak memory is its own. Prints one JSON

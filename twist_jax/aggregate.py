@@ -1,6 +1,6 @@
 """Aggregation: the masked mean that writes worker results back into the central model.
 
-Pure functions of pytrees (DESIGN.md section 6); no mesh code. Worker trees carry a leading
+Pure functions of pytrees (docs/method.md §6); no mesh code. Worker trees carry a leading
 W axis and are full-shaped (`subnets.scatter_subnet` output): values zero where not held.
 """
 

@@ -40,11 +40,11 @@ def default_config() -> ml_collections.ConfigDict:
   m.attention = "xla"  # xla | cudnn (GPU flash attention) | auto
 
   c.subnet = s = ml_collections.ConfigDict()
-  s.mode = "attn"  # attn | mlp | attn_mlp | blocks (DESIGN.md section 2)
+  s.mode = "attn"  # attn | mlp | attn_mlp | blocks (docs/method.md §2)
   s.kappa = 0.5  # keep ratio, a float or one per layer (tuple)
   s.shared_layers = ()  # blocks never partitioned (the paper: first and last two)
-  s.sampler = "cover"  # cover | uniform | partition (DESIGN.md section 3)
-  s.correction = "mean"  # none | mean | norm: activation-shift correction (section 4)
+  s.sampler = "cover"  # cover | uniform | partition (docs/method.md §3)
+  s.correction = "mean"  # none | mean | norm: activation-shift correction (docs/method.md §4)
 
   c.twist = t = ml_collections.ConfigDict()
   t.variant = "ddp"  # ddp | true | masked | hybrid

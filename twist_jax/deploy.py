@@ -1,4 +1,4 @@
-"""Zero-cost deployment (DESIGN.md sections 3, 4, 7): choose one subnet of a trained model, cut
+"""Zero-cost deployment (docs/method.md §3, §4, §7): choose one subnet of a trained model, cut
 it out as a smaller dense GPT-2 with the activation-shift correction folded into its c_proj
 kernels, and save it as a twist_jax checkpoint (and, where representable, a Hugging Face folder).
 
@@ -66,7 +66,7 @@ def magnitude_scores(params, model_cfg: ModelConfig, spec: subnets.SubnetSpec) -
 
 def choose_subnet(params, model_cfg: ModelConfig, spec: subnets.SubnetSpec, heuristic: str,
                   key: jax.Array, *, windows=None, k: int = 8):
-  """A W = 1 subnet by a deployment heuristic (DESIGN.md section 3).
+  """A W = 1 subnet by a deployment heuristic (docs/method.md §3).
 
   random: one uniform draw from `key`; first: the fixed prefix; best_of_k: the `candidates`
   draw with the lowest loss on `windows` (M, L+1); magnitude: the largest-norm units.

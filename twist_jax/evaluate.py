@@ -1,5 +1,5 @@
 """Evaluation: perplexity under a stated protocol, golden-ticket distributions of random subnets
-and the kappa_train x kappa_deploy heatmap (DESIGN.md section 7; the paper's Figures 4 and 5).
+and the kappa_train x kappa_deploy heatmap (docs/method.md §7; the paper's Figures 4 and 5).
 
 Perplexity = exp(mean token NLL) over non-overlapping windows of context + 1 tokens of the
 validation split; `data.protocol` gives the one-line description printed with every number.

@@ -216,7 +216,7 @@ def from_scores(scores, spec: SubnetSpec):
 
 
 def correction_factor(total: int, kept: int, mode: str) -> float:
-  """c = (U/m)^p: p = 1 ('mean'), 1/2 ('norm'), 0 ('none'); DESIGN.md section 4."""
+  """c = (U/m)^p: p = 1 ('mean'), 1/2 ('norm'), 0 ('none'); docs/method.md §4."""
   p = {"none": 0.0, "mean": 1.0, "norm": 0.5}[mode]
   return float((total / kept) ** p)
 

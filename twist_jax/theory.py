@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-# Correction exponent p in c = (U / m)^p (DESIGN.md §4).
+# Correction exponent p in c = (U / m)^p (docs/method.md §4).
 CORRECTION_EXPONENTS = {"none": 0.0, "mean": 1.0, "norm": 0.5}
 
 
@@ -57,7 +57,7 @@ def expected_sq_norm_heads(d_out, sigma_w, head_sq_norm, n_heads_keep):
   return d_out * sigma_w**2 * n_heads_keep * head_sq_norm
 
 
-# --- GELU moments and the GELU MLP ------------------------------------------------------------
+# --- GELU moments and the GELU MLP ---------------------------------------------------------
 
 def gelu(x, approximate=True):
   """GELU in NumPy: tanh form (GPT-2, the model's choice) or the exact x * Phi(x)."""
@@ -117,7 +117,7 @@ def gelu_mlp_moments(d_out, sigma_w, n_units, n_keep, mu, sigma, approximate=Tru
   }
 
 
-# --- Fixed weights, random subsets ------------------------------------------------------------
+# --- Fixed weights, random subsets ---------------------------------------------------------
 
 def _finite_population_factor(n_units, n_keep):
   """kappa (1 - kappa) U / (U - 1): Cov of inclusion indicators of a uniform m-subset, scaled.
@@ -166,7 +166,7 @@ def subset_sq_norm_ratio(n_units, n_keep, rho=1.0):
   return kappa**2 + _finite_population_factor(n_units, n_keep) * (1.0 / rho - 1.0 / n_units)
 
 
-# --- Activation-shift correction (DESIGN.md §4) -----------------------------------------------
+# --- Activation-shift correction (docs/method.md §4) --------------------------------------------
 
 def correction_factor(n_units, n_keep, mode):
   """c = (U / m)^p with p = 0 (none), 1 (mean), 1/2 (norm); c = 1 for the full model."""
@@ -193,7 +193,7 @@ def correction_residuals(n_units, n_keep, mode, rho=1.0):
   return c * n_keep / n_units, c**2 * subset_sq_norm_ratio(n_units, n_keep, rho)
 
 
-# --- Sampler statistics (DESIGN.md §3) --------------------------------------------------------
+# --- Sampler statistics (docs/method.md §3) -----------------------------------------------------
 
 def coverage_uniform(n_units, n_keep, n_subnets):
   """P(a unit is in >= 1 of S subnets) = 1 - (1 - m / U)^S under `uniform` (independent draws)."""
@@ -265,7 +265,7 @@ def expected_holders(n_units, n_keep, n_subnets):
   return n_subnets * n_keep / n_units
 
 
-# --- Masked-mean aggregation (DESIGN.md §6) ---------------------------------------------------
+# --- Masked-mean aggregation (docs/method.md §6) ------------------------------------------------
 
 def masked_mean_variance(v, n_holders):
   """Var of the mean of c i.i.d. worker updates of variance v: v / c (c >= 1)."""

@@ -1,4 +1,4 @@
-"""Post-training pruning baselines (DESIGN.md §7): unstructured magnitude / Wanda / SparseGPT
+"""Post-training pruning baselines (docs/method.md §7): unstructured magnitude / Wanda / SparseGPT
 on the four block kernels, and structured head / MLP-unit scores (random, magnitude, Wanda)."""
 
 from twist_jax.baselines.calibration import (LINEAR_PATHS, collect_inputs, map_kernels,
