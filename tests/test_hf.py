@@ -1,9 +1,12 @@
-"""Hugging Face GPT-2 import/export against transformers itself: same logits both ways, clear
-errors for corrupt folders and for shapes transformers cannot represent."""
+"""Hugging Face GPT-2 import/export: round trips through safetensors and clear errors for corrupt
+folders (pure JAX, no torch), and the same logits as transformers itself both ways (needs the
+`hf` extra: torch + transformers)."""
 
 import functools
+import importlib.util
 import json
 import os
+import sys
 
 import flax
 import jax
@@ -18,13 +21,21 @@ from twist_jax.model import GPT2, ModelConfig, init_params
 from helpers import random_params
 random_params = functools.partial(random_params, std=0.1)
 
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+# The transformers cross-checks are marked, not silently skipped: `-ra` prints the reason, and
+# CI installs the `hf` extra (and imports both first), so there they always run.
+HAVE_TRANSFORMERS = all(importlib.util.find_spec(m) for m in ("torch", "transformers"))
+requires_transformers = pytest.mark.skipif(
+    not HAVE_TRANSFORMERS,
+    reason="cross-check against transformers needs torch + transformers: pip install -e '.[hf]'")
+if HAVE_TRANSFORMERS:
+  import torch
+  import transformers
 
 HF_KW = dict(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=64,
              bos_token_id=None, eos_token_id=None)
 TOKENS = np.random.default_rng(0).integers(0, 256, (2, 24))
+# The twist_jax shape of HF_KW (n_inner defaults to 4 * n_embd = 256 on both sides).
+SMALL = ModelConfig.uniform(n_layer=2, n_head=4, n_embd=64, vocab_size=256, n_positions=64)
 
 
 def hf_model(**overrides):
@@ -53,23 +64,34 @@ def model():
 
 
 @pytest.fixture(scope="module")
-def st_dir(model, tmp_path_factory):
-  path = tmp_path_factory.mktemp("gpt2_st")
+def hf_dir(model, tmp_path_factory):
+  """The folder transformers' own save_pretrained writes."""
+  path = tmp_path_factory.mktemp("gpt2_hf")
   model.save_pretrained(path)
+  return path
+
+
+@pytest.fixture(scope="module")
+def st_dir(tmp_path_factory):
+  """An HF GPT-2 folder of SMALL written by twist_jax itself (no torch needed)."""
+  path = tmp_path_factory.mktemp("gpt2_st") / "export"
+  hf.save_gpt2(random_params(SMALL), SMALL, str(path))
   return path
 
 
 # ------------------------------------------------------------------------------------- import
 
 
-def test_load_safetensors_matches_transformers(model, st_dir):
-  params, cfg = hf.load_gpt2(str(st_dir))
+@requires_transformers
+def test_load_safetensors_matches_transformers(model, hf_dir):
+  params, cfg = hf.load_gpt2(str(hf_dir))
   assert cfg == ModelConfig.uniform(n_layer=2, n_head=4, n_embd=64, vocab_size=256,
                                     n_positions=64)
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
   np.testing.assert_allclose(jax_logits(params, cfg), hf_logits(model), rtol=1e-4, atol=1e-4)
 
 
+@requires_transformers
 @pytest.mark.parametrize("prefix", ["transformer.", ""])
 def test_load_pytorch_bin(model, tmp_path, prefix):
   """A .bin state dict, with or without the 'transformer.' prefix, holding the lm_head and the
@@ -87,14 +109,15 @@ def test_load_pytorch_bin(model, tmp_path, prefix):
   np.testing.assert_allclose(jax_logits(params, cfg), hf_logits(model), rtol=1e-4, atol=1e-4)
 
 
-def test_n_positions_truncation(model, st_dir):
-  params, cfg = hf.load_gpt2(str(st_dir), n_positions=16)
+@requires_transformers
+def test_n_positions_truncation(model, hf_dir):
+  params, cfg = hf.load_gpt2(str(hf_dir), n_positions=16)
   assert cfg.n_positions == 16 and params["wpe"]["embedding"].shape == (16, 64)
   toks = TOKENS[:, :16]
   np.testing.assert_allclose(jax_logits(params, cfg, toks), hf_logits(model, toks),
                              rtol=1e-4, atol=1e-4)
   with pytest.raises(UserError, match="n_positions=65"):
-    hf.load_gpt2(str(st_dir), n_positions=65)
+    hf.load_gpt2(str(hf_dir), n_positions=65)
 
 
 @pytest.mark.parametrize("override", [
@@ -169,6 +192,26 @@ def test_unreachable_hub_id_is_data_error(monkeypatch, tmp_path):
   assert "\n" not in str(err.value)
 
 
+def test_hub_id_without_huggingface_hub_says_what_to_install(monkeypatch, tmp_path):
+  monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # makes the import fail
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(UserError, match="'org/gpt2-tiny'.*pip install huggingface_hub") as err:
+    hf.load_gpt2("org/gpt2-tiny")
+  assert "\n" not in str(err.value) and err.value.exit_code == 2
+
+
+def test_bin_without_torch_is_refused(monkeypatch, tmp_path):
+  """A folder holding only pytorch_model.bin, where torch is not installed: one line naming the
+  file and both ways out (install torch, or convert to safetensors)."""
+  monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
+  (tmp_path / hf.CONFIG_FILE).write_text(json.dumps(hf._hf_config(SMALL)))
+  (tmp_path / hf.BIN_FILE).write_bytes(b"a pickle torch would read")
+  with pytest.raises(DataError, match="needs torch.*install torch.*model.safetensors") as err:
+    hf.load_gpt2(str(tmp_path))
+  assert str(tmp_path / hf.BIN_FILE) in str(err.value)
+  assert "\n" not in str(err.value) and err.value.exit_code == 2
+
+
 # ------------------------------------------------------------------------------------- export
 
 
@@ -176,6 +219,64 @@ TINY = ModelConfig.uniform(n_layer=2, n_head=4, n_embd=64, n_inner=96, vocab_siz
                            n_positions=32)
 
 
+def test_export_file_has_hf_names_and_folded_scales(tmp_path):
+  """The safetensors file read back with plain safetensors.numpy: the GPT2LMHeadModel names
+  (spelled out by hand here), no lm_head, and each branch scale multiplied into its c_proj."""
+  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+  cfg = TINY.replace(attn_scale=(1.5, 1.0), mlp_scale=(0.5, 2.0))
+  params = random_params(cfg)
+  hf.save_gpt2(params, cfg, str(tmp_path / "export"))
+  tensors = load_file(tmp_path / "export" / hf.SAFETENSORS_FILE)
+  block = ["ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias",
+           "attn.c_proj.weight", "attn.c_proj.bias", "ln_2.weight", "ln_2.bias",
+           "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias"]
+  names = ["wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias"] + [
+      f"h.{i}.{b}" for i in range(2) for b in block]
+  assert sorted(tensors) == sorted("transformer." + n for n in names)
+  for i, (sa, sm) in enumerate(zip(cfg.attn_scale, cfg.mlp_scale)):
+    for branch, scale in (("attn", sa), ("mlp", sm)):
+      np.testing.assert_allclose(tensors[f"transformer.h.{i}.{branch}.c_proj.weight"],
+                                 scale * np.asarray(params[f"h_{i}"][branch]["c_proj"]["kernel"]),
+                                 rtol=1e-6)
+      np.testing.assert_array_equal(tensors[f"transformer.h.{i}.{branch}.c_proj.bias"],
+                                    params[f"h_{i}"][branch]["c_proj"]["bias"])
+  np.testing.assert_array_equal(tensors["transformer.h.1.attn.c_attn.weight"],
+                                params["h_1"]["attn"]["c_attn"]["kernel"])
+  config = json.loads((tmp_path / "export" / hf.CONFIG_FILE).read_text())
+  assert (config["n_layer"], config["n_head"], config["n_embd"], config["n_inner"]) == (2, 4, 64, 96)
+
+
+def test_export_import_round_trip_without_transformers(tmp_path):
+  """Scaled model -> folder -> plain model: same logits (the fold is exact up to rounding),
+  and every weight except the scaled c_proj kernels comes back bit for bit."""
+  cfg = TINY.replace(attn_scale=(1.5, 1.0), mlp_scale=(0.5, 2.0))
+  params = random_params(cfg)
+  hf.save_gpt2(params, cfg, str(tmp_path / "export"))
+  back, back_cfg = hf.load_gpt2(str(tmp_path / "export"))
+  assert back_cfg == TINY
+  toks = TOKENS[:, :32]
+  np.testing.assert_allclose(jax_logits(back, back_cfg, toks), jax_logits(params, cfg, toks),
+                             rtol=1e-5, atol=1e-5)
+  flat, flat_back = (flax.traverse_util.flatten_dict(p) for p in (params, back))
+  same = [k for k in flat if k[-2:] != ("c_proj", "kernel")]
+  for k in same:
+    np.testing.assert_array_equal(flat_back[k], flat[k])
+
+
+def test_load_sharded_safetensors(st_dir, tmp_path):
+  """A checkpoint split over model-0000x-of-0000y.safetensors files loads like one file."""
+  from safetensors.numpy import load_file, save_file  # pylint: disable=import-outside-toplevel
+  tensors = load_file(st_dir / hf.SAFETENSORS_FILE)
+  names = sorted(tensors)
+  for i, part in enumerate((names[::2], names[1::2])):
+    save_file({k: tensors[k] for k in part}, tmp_path / f"model-0000{i + 1}-of-00002.safetensors")
+  (tmp_path / hf.CONFIG_FILE).write_bytes((st_dir / hf.CONFIG_FILE).read_bytes())
+  sharded, _ = hf.load_gpt2(str(tmp_path))
+  whole, _ = hf.load_gpt2(str(st_dir))
+  jax.tree.map(np.testing.assert_array_equal, sharded, whole)
+
+
+@requires_transformers
 @pytest.mark.parametrize("cfg", [TINY, TINY.replace(attn_scale=(1.5, 1.0), mlp_scale=(0.5, 2.0))])
 def test_export_round_trip(tmp_path, cfg):
   params, out = random_params(cfg), tmp_path / "export"

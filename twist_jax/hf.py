@@ -1,7 +1,9 @@
 """Hugging Face GPT-2 import and export: HF folders (or hub ids) <-> twist_jax params + ModelConfig.
 
 Names map one to one (`h_0/attn/c_attn/kernel` <-> `transformer.h.0.attn.c_attn.weight`) and HF
-Conv1D weights are already (in, out), so conversion is renaming plus shape checks.
+Conv1D weights are already (in, out), so conversion is renaming plus shape checks. Weights are
+read and written with safetensors.numpy: neither torch nor transformers is needed (torch only
+to read a legacy pytorch_model.bin).
 """
 
 import json
@@ -60,6 +62,10 @@ def _resolve(source: str) -> str:
     raise DataError(f"{source}: no such folder")
   try:
     from huggingface_hub import snapshot_download  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise UserError(f"'{source}' is not a local folder, and fetching it from the Hugging Face "
+                    "hub needs huggingface_hub: pip install huggingface_hub") from e
+  try:
     return snapshot_download(source, allow_patterns=[CONFIG_FILE, "*.safetensors", BIN_FILE])
   except Exception as e:  # offline, unknown repo, auth: all mean "cannot fetch"
     raise DataError(f"cannot fetch '{source}' from the Hugging Face hub ({_one_line(e)}); "
@@ -103,9 +109,18 @@ def _read_file(path: str) -> dict[str, np.ndarray]:
   if path.endswith(".safetensors"):
     from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
     return {k: np.asarray(v, np.float32) for k, v in load_file(path).items()}
-  import torch  # pylint: disable=import-outside-toplevel  (only .bin needs torch)
+  import torch  # pylint: disable=import-outside-toplevel  (checked by _require_torch)
   state = torch.load(path, map_location="cpu", weights_only=True)
   return {k: v.float().numpy() for k, v in state.items()}
+
+
+def _require_torch(path: str) -> None:
+  """Only a pickled pytorch_model.bin needs torch; refuse it in one line where torch is absent."""
+  try:
+    import torch  # pylint: disable=import-outside-toplevel,unused-import
+  except ImportError as e:
+    raise DataError(f"{path}: reading {BIN_FILE} needs torch, which is not installed; install "
+                    f"torch, or convert the folder to {SAFETENSORS_FILE}") from e
 
 
 def _read_weights(folder: str) -> dict[str, np.ndarray]:
@@ -115,6 +130,8 @@ def _read_weights(folder: str) -> dict[str, np.ndarray]:
   paths = [os.path.join(folder, f) for f in shards or [BIN_FILE]]
   if not os.path.isfile(paths[0]):
     raise DataError(f"{folder}: no {SAFETENSORS_FILE} or {BIN_FILE}")
+  if not shards:
+    _require_torch(paths[0])
   tensors = {}
   for path in paths:
     try:
