@@ -1,10 +1,13 @@
-"""Tokenizers: `bytes` (UTF-8, 256 ids), `gpt2` (tiktoken) and `bpe` (byte-level, trained here).
+"""Tokenizers: `bytes` (UTF-8, 256 ids), `gpt2` (tiktoken, from the network, tiktoken's cache or a
+local folder of GPT-2's vocab.bpe + encoder.json) and `bpe` (byte-level, trained here).
 
 Each has `name`, `vocab_size`, `eot` (the end-of-document id appended after every document),
 `encode`, `decode` and a batched `encode_batch` used to tokenise whole corpora.
 """
 
 import dataclasses
+import hashlib
+import json
 import os
 from typing import Any, Iterable
 
@@ -83,8 +86,80 @@ class BpeTokenizer:
     return [np.asarray(e.ids, np.int32) for e in encs]
 
 
-def gpt2() -> Gpt2Tokenizer:
-  """tiktoken's gpt2 encoding; a one-line DataError when its BPE files cannot be fetched."""
+# The standard GPT-2 BPE files (OpenAI's names): the merges, one per line after a version
+# header, and the token -> id map, both in GPT-2's byte-to-printable-character alphabet.
+GPT2_BPE_FILES = ('vocab.bpe', 'encoder.json')
+GPT2_BPE_DIR_ENV = 'TWIST_GPT2_BPE_DIR'
+
+
+def _sha256(path: str) -> str:
+  with open(path, 'rb') as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
+def encoding_from_bpe_files(folder: str, name: str = 'gpt2'):
+  """A tiktoken Encoding with GPT-2's pre-tokeniser and the merges of `folder`'s vocab.bpe and
+  encoder.json; <|endoftext|> keeps its encoder.json id (next free id if absent).
+
+  tiktoken's own loader converts the two files. It copies what it reads into tiktoken's
+  cache keyed by path; passing each file's hash makes an edited file replace a stale copy.
+  """
+  import tiktoken  # pylint: disable=g-import-not-at-top
+  from tiktoken.load import data_gym_to_mergeable_bpe_ranks  # pylint: disable=g-import-not-at-top
+  from tiktoken_ext.openai_public import r50k_pat_str  # GPT-2's split regex
+  vocab_bpe, encoder_json = (os.path.join(folder, f) for f in GPT2_BPE_FILES)
+  try:
+    ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe, encoder_json,
+                                            _sha256(vocab_bpe), _sha256(encoder_json))
+    with open(encoder_json, encoding='utf-8') as f:
+      eot = json.load(f).get(ENDOFTEXT, len(ranks))
+  except AssertionError as e:  # tiktoken asserts that the two files agree
+    raise DataError(f'{folder}: {GPT2_BPE_FILES[1]} does not match the merges in '
+                    f'{GPT2_BPE_FILES[0]} (not a pair of GPT-2 BPE files?)') from e
+  except (OSError, ValueError, KeyError) as e:  # unreadable, bad JSON, unknown symbol
+    raise DataError(f'{folder}: unreadable GPT-2 BPE files ({type(e).__name__}: '
+                    f"{' '.join(str(e).split())})") from e
+  return tiktoken.Encoding(name, pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                           special_tokens={ENDOFTEXT: eot})
+
+
+def _bpe_dir(bpe_dir: str) -> tuple[str, str]:
+  """The folder of local GPT-2 BPE files and what named it: the config field, else the
+  environment variable; ('', '') when neither is set (tiktoken fetches the files)."""
+  if bpe_dir:
+    return bpe_dir, 'data.gpt2_bpe_dir'
+  env = os.environ.get(GPT2_BPE_DIR_ENV, '')
+  return env, (GPT2_BPE_DIR_ENV if env else '')
+
+
+def gpt2_from_folder(folder: str, source: str) -> Gpt2Tokenizer:
+  """GPT-2's BPE from a local folder, checked to be GPT-2's vocabulary; `source` (the config
+  field or environment variable that named the folder) leads every error."""
+  if not os.path.isdir(folder):
+    raise DataError(f'{source}={folder}: no such folder (it must hold GPT-2\'s '
+                    f'{" and ".join(GPT2_BPE_FILES)})')
+  missing = [f for f in GPT2_BPE_FILES if not os.path.isfile(os.path.join(folder, f))]
+  if missing:
+    raise DataError(f'{source}={folder}: {missing[0]} is missing (the folder must hold '
+                    f'GPT-2\'s {" and ".join(GPT2_BPE_FILES)})')
+  try:
+    encoding = encoding_from_bpe_files(folder)
+  except DataError as e:
+    raise DataError(f'{source}={e}') from e
+  if encoding.n_vocab != GPT2_VOCAB_SIZE or encoding.eot_token != GPT2_VOCAB_SIZE - 1:
+    raise DataError(f'{source}={folder}: {encoding.n_vocab} tokens with {ENDOFTEXT}='
+                    f'{encoding.eot_token}; GPT-2 has {GPT2_VOCAB_SIZE} with {ENDOFTEXT}='
+                    f'{GPT2_VOCAB_SIZE - 1}')
+  return Gpt2Tokenizer(encoding)
+
+
+def gpt2(bpe_dir: str = '') -> Gpt2Tokenizer:
+  """GPT-2's BPE: from local files when `bpe_dir` (data.gpt2_bpe_dir) or $TWIST_GPT2_BPE_DIR
+  names a folder, else tiktoken's gpt2 encoding (fetched once, or from TIKTOKEN_CACHE_DIR).
+  Both give the same ids, so tokenised corpora are cached under one name."""
+  folder, source = _bpe_dir(bpe_dir)
+  if folder:
+    return gpt2_from_folder(folder, source)
   import tiktoken  # pylint: disable=g-import-not-at-top  (keeps `import twist_jax.data` fast)
   try:
     return Gpt2Tokenizer(tiktoken.get_encoding('gpt2'))
@@ -93,7 +168,8 @@ def gpt2() -> Gpt2Tokenizer:
     raise DataError(
         f'data.tokenizer=gpt2: could not load the gpt2 BPE files ({type(e).__name__}); set '
         f'TIKTOKEN_CACHE_DIR (now {cache_dir}) to a folder holding the cached gpt2 files, '
-        'or go online') from e
+        f'or data.gpt2_bpe_dir (or {GPT2_BPE_DIR_ENV}) to a folder holding '
+        f'{" and ".join(GPT2_BPE_FILES)}, or go online') from e
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int):
