@@ -69,6 +69,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.data = d = ml_collections.ConfigDict()
   d.name = "python_docs"  # python_docs | text_files | wikitext2 | wikitext103 | tfds:NAME
   d.tokenizer = "bytes"  # bytes | gpt2 | bpe
+  d.gpt2_bpe_dir = ""  # gpt2 offline: folder with GPT-2's vocab.bpe + encoder.json; '' = the
+  #                      $TWIST_GPT2_BPE_DIR folder if set, else tiktoken (network or its cache)
   d.bpe_vocab_size = 4096
   d.data_dir = ""  # cache root; '' = $TWIST_DATA_DIR or ~/.cache/twist_jax
   d.files = ""  # glob, for text_files
@@ -148,6 +150,7 @@ class DataConfig:
   text_feature: str
   max_train_bytes: int
   batch_size: int
+  gpt2_bpe_dir: str = ""  # defaulted: config.json files written before it existed still load
 
 
 @dataclasses.dataclass(frozen=True)
