@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from twist_jax.model import GPT2, ModelConfig, flops_per_token, init_params, lm_loss
+from twist_jax.model import (GPT2, ModelConfig, distill_loss, flops_per_token, init_params,
+                             lm_loss, next_token_nll)
 
 from helpers import random_params
 
@@ -230,3 +231,124 @@ def test_flops_per_token_hand_count():
   head = 2 * 32 * 256  # 16384
   assert layer0 + layer1 + head == 48640
   assert flops_per_token(CFG, 16) == 3 * 48640
+
+
+# ------------------------------------------------------------------------------ chunked losses
+
+
+def windows(seed=0, b=B, l=L):
+  return tokens(seed, b, l + 1)
+
+
+def reference_loss(params, cfg, wins, masks=None):
+  """Unchunked: float32 (B, L, V) logits of the whole batch, then next_token_nll."""
+  return next_token_nll(GPT2(cfg).apply({"params": params}, wins[:, :-1], masks),
+                        wins[:, 1:]).mean()
+
+
+def max_tree_diff(a, b):
+  return max(float(jnp.abs(x - y).max()) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@pytest.mark.parametrize("chunk", [4, 5, 12, 128])  # divides L = 12, does not, equals, exceeds
+def test_chunked_lm_loss_and_grad_equal_full_logits(chunk):
+  params, wins = random_params(CFG), windows()
+  masks = full_masks(CFG)
+  masks["head"][0] = masks["head"][0].at[1].set(0)  # masks reach the chunked path too
+  loss = jax.jit(functools.partial(lm_loss, cfg=CFG, chunk=chunk))
+  want = reference_loss(params, CFG, wins, masks)
+  np.testing.assert_allclose(loss(params, windows_BxLp1=wins, masks=masks), want, rtol=1e-6)
+  grads = jax.grad(lambda p: lm_loss(p, CFG, wins, masks, chunk=chunk))(params)
+  ref_grads = jax.grad(lambda p: reference_loss(p, CFG, wins, masks))(params)
+  assert max_tree_diff(grads, ref_grads) < 1e-6
+
+
+def test_chunked_lm_loss_bf16_matches_bf16_logits():
+  """bf16 compute: the chunked head runs in bf16 like GPT2's, so both agree to float32 rounding
+  of the log-softmax (a float32 head would differ by bf16's ~1e-2)."""
+  cfg, params, wins = UNIFORM.replace(dtype="bfloat16"), random_params(UNIFORM, std=0.1), windows()
+  np.testing.assert_allclose(lm_loss(params, cfg, wins, chunk=5),
+                             reference_loss(params, cfg, wins), rtol=1e-5)
+
+
+# A student narrower than the teacher (as an extracted subnet), with correction scales.
+STUDENT = ModelConfig(vocab_size=256, n_positions=32, n_embd=32, head_dim=8, n_head=(2, 1),
+                      n_inner=(24, 48), attn_scale=(2.0, 2.0), mlp_scale=(2.0, 2.0))
+
+
+def np_distill(student_logits, teacher_logits, targets, alpha, t):
+  """NumPy float64: (1 - alpha) * CE + alpha * T^2 * mean KL(p_teacher || p_student)."""
+  def log_softmax(z):
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+  zs, zt = (np.asarray(z, np.float64) for z in (student_logits, teacher_logits))
+  ce = -np.take_along_axis(log_softmax(zs), np.asarray(targets)[..., None], -1).mean()
+  logp, logq = log_softmax(zt / t), log_softmax(zs / t)
+  kl = (np.exp(logp) * (logp - logq)).sum(-1).mean()
+  return (1 - alpha) * ce + alpha * t * t * kl
+
+
+@functools.partial(jax.jit, static_argnums=(1, 3, 8))
+def distill(sp, scfg, tp, tcfg, wins, alpha, temp, smasks=None, chunk=5):
+  return distill_loss(sp, scfg, tp, tcfg, wins, alpha, temp, smasks, chunk=chunk)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("temp", [1.0, 2.0])
+def test_distill_loss_matches_numpy_kl(alpha, temp):
+  sp, tp, wins = random_params(STUDENT, seed=1), random_params(CFG, seed=2), windows()
+  want = np_distill(logits(sp, STUDENT, wins[:, :-1]), logits(tp, CFG, wins[:, :-1]),
+                    wins[:, 1:], alpha, temp)
+  np.testing.assert_allclose(distill(sp, STUDENT, tp, CFG, wins, alpha, temp), want, rtol=1e-5)
+  # A masked full-width student (the Masked variant) against the same teacher.
+  masks = full_masks(CFG)
+  masks["unit"][1] = masks["unit"][1].at[:40].set(0)
+  mp = random_params(CFG, seed=3)
+  want = np_distill(logits(mp, CFG, wins[:, :-1], masks), logits(tp, CFG, wins[:, :-1]),
+                    wins[:, 1:], alpha, temp)
+  np.testing.assert_allclose(distill(mp, CFG, tp, CFG, wins, alpha, temp, masks), want,
+                             rtol=1e-5)
+
+
+def test_distill_alpha_0_is_lm_loss_and_teacher_gets_no_gradient():
+  sp, tp, wins = random_params(STUDENT, seed=1), random_params(CFG, seed=2), windows()
+  assert float(distill(sp, STUDENT, tp, CFG, wins, 0.0, 2.0)) == float(
+      jax.jit(lm_loss, static_argnums=(1, 4))(sp, STUDENT, wins, None, 5))
+  grad_s, grad_t = jax.grad(distill_loss, argnums=(0, 2))(sp, STUDENT, tp, CFG, wins, 0.5, 2.0,
+                                                           chunk=5)
+  assert all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(grad_t))
+  # The student's gradient equals autodiff of the unchunked formula on full logits.
+
+  def reference(p):
+    zs = GPT2(STUDENT).apply({"params": p}, wins[:, :-1]) / 2.0
+    zt = GPT2(CFG).apply({"params": tp}, wins[:, :-1]) / 2.0
+    logp, logq = jax.nn.log_softmax(zt), jax.nn.log_softmax(zs)
+    kl = jnp.sum(jnp.exp(logp) * (logp - logq), -1).mean()
+    return 0.5 * reference_loss(p, STUDENT, wins) + 0.5 * 4.0 * kl
+
+  assert max_tree_diff(grad_s, jax.grad(reference)(sp)) < 1e-5
+  assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grad_s)) > 1e-3
+
+
+# ------------------------------------------------------------------------------ remat
+
+
+def test_remat_same_loss_and_grads():
+  params, wins, masks = random_params(CFG), windows(), full_masks(CFG)
+  masks["block"] = jnp.array([1.0, 0.0])
+  fn = jax.jit(jax.value_and_grad(lm_loss), static_argnums=1)
+  loss, grads = fn(params, CFG, wins, masks)
+  loss_r, grads_r = fn(params, CFG.replace(remat=True), wins, masks)
+  np.testing.assert_allclose(loss_r, loss, rtol=1e-6)
+  assert max_tree_diff(grads_r, grads) < 1e-6
+  assert jax.tree.structure(grads_r) == jax.tree.structure(grads)
+  jaxpr = lambda cfg: str(jax.make_jaxpr(lm_loss, static_argnums=1)(params, cfg, wins, masks))
+  # One checkpoint per block on top of the loss's chunk checkpoint.
+  remats = lambda cfg: jaxpr(cfg).count("remat")
+  assert remats(CFG.replace(remat=True)) == remats(CFG) + CFG.n_layer
+
+
+def test_model_config_dict_without_remat_still_loads():
+  old = {k: v for k, v in CFG.to_dict().items() if k != "remat"}
+  assert ModelConfig.from_dict(old) == CFG and not CFG.remat
+  assert ModelConfig.from_dict(CFG.replace(remat=True).to_dict()).remat

@@ -2,6 +2,9 @@
 
 The model knows nothing of workers: a TwIST subnet is the same module built with fewer heads,
 a narrower MLP or fewer blocks, optionally with unit gates (`masks`) for the Masked variant.
+It also owns the losses (next-token CE and in-place distillation, both chunked over the sequence
+so the float32 (B, L, V) logits never exist at once) and a KV-cached decode path (`prefill`,
+`decode`) over the same parameters.
 
 Dimension alphabet: B batch, L length, D model width, H heads, K head dim, F MLP width,
 V vocab, N layers, P positions.
@@ -34,6 +37,7 @@ class ModelConfig:
   dtype: str = "float32"  # compute dtype; params stay float32
   attention: str = "xla"  # xla | cudnn | auto (jax.nn.dot_product_attention implementation)
   layer_norm_epsilon: float = 1e-5
+  remat: bool = False  # checkpoint each block's activations: memory for recompute
 
   @property
   def n_layer(self) -> int:
@@ -175,7 +179,10 @@ class GPT2(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BxL, masks: Mapping[str, Any] | None = None):
+  def __call__(self, tokens_BxL, masks: Mapping[str, Any] | None = None,
+               return_hidden: bool = False):
+    """Logits (B, L, V) float32, or with `return_hidden` the final LayerNorm's output (B, L, D)
+    in the compute dtype (the LM head left to a chunked loss)."""
     cfg = self.cfg
     dtype = jnp.dtype(cfg.dtype)
     masks = masks or {}
@@ -188,10 +195,13 @@ class GPT2(nn.Module):
                    name="wpe")
     pos_L = jnp.arange(tokens_BxL.shape[1])
     x_BxLxD = (wte(tokens_BxL) + wpe(pos_L)[None]).astype(dtype)
+    block = nn.remat(Block) if cfg.remat else Block  # same param names either way
     for i in range(cfg.n_layer):
       pick = lambda key: masks[key][i] if key in masks else None
-      x_BxLxD = Block(cfg, i, name=f"h_{i}")(x_BxLxD, pick("head"), pick("unit"), pick("block"))
+      x_BxLxD = block(cfg, i, name=f"h_{i}")(x_BxLxD, pick("head"), pick("unit"), pick("block"))
     x_BxLxD = nn.LayerNorm(cfg.layer_norm_epsilon, dtype=dtype, name="ln_f")(x_BxLxD)
+    if return_hidden:
+      return x_BxLxD
     return wte.attend(x_BxLxD.astype(dtype)).astype(jnp.float32)  # tied LM head
 
 
@@ -207,10 +217,76 @@ def next_token_nll(logits_BxLxV, targets_BxL):
   return -jnp.take_along_axis(logp, targets_BxL[..., None], axis=-1)[..., 0]
 
 
-def lm_loss(params, cfg: ModelConfig, windows_BxLp1, masks=None):
-  """Mean next-token NLL of windows of L+1 tokens (inputs are the first L)."""
-  logits = GPT2(cfg).apply({"params": params}, windows_BxLp1[:, :-1], masks)
-  return next_token_nll(logits, windows_BxLp1[:, 1:]).mean()
+def lm_head(params, cfg: ModelConfig, hidden_xD):
+  """Tied LM head: float32 logits (..., V) of final hidden states, matmul in the compute dtype
+  (as `GPT2.__call__`)."""
+  dtype = jnp.dtype(cfg.dtype)
+  emb_VxD = params["wte"]["embedding"].astype(dtype)
+  return jnp.dot(hidden_xD.astype(dtype), emb_VxD.T).astype(jnp.float32)
+
+
+# ---- chunked losses ------------------------------------------------------------------------------
+
+LOSS_CHUNK = 128  # C: positions whose logits exist at once (B * C * V floats)
+
+
+def _chunk(x_BxL, c: int):
+  """(B, L, ...) -> (ceil(L / C), B, C, ...), zero-padded at the end of L."""
+  b, l = x_BxL.shape[:2]
+  n = -(-l // c)
+  x = jnp.pad(x_BxL, [(0, 0), (0, n * c - l)] + [(0, 0)] * (x_BxL.ndim - 2))
+  return jnp.moveaxis(x.reshape((b, n, c) + x_BxL.shape[2:]), 1, 0)
+
+
+def _chunked_sums(fn, c: int, *xs_BxL):
+  """Sum over chunks of fn(*chunks, valid_BxC) (a tuple of scalars). Each chunk is rematerialised
+  in the backward pass, so only one chunk's logits are alive at a time there too."""
+  valid_BxL = jnp.ones(xs_BxL[0].shape[:2], jnp.float32)  # 0 on the padding
+  chunks = tuple(_chunk(x, c) for x in xs_BxL + (valid_BxL,))
+  body = jax.checkpoint(lambda carry, xs: (
+      jax.tree.map(jnp.add, carry, fn(*xs)), None))
+  init = jax.eval_shape(fn, *(x[0] for x in chunks))
+  init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), init)
+  return jax.lax.scan(body, init, chunks)[0]
+
+
+def lm_loss(params, cfg: ModelConfig, windows_BxLp1, masks=None, chunk: int = LOSS_CHUNK):
+  """Mean next-token NLL of windows of L+1 tokens (inputs are the first L), computed `chunk`
+  positions at a time."""
+  hidden_BxLxD = GPT2(cfg).apply({"params": params}, windows_BxLp1[:, :-1], masks,
+                                 return_hidden=True)
+
+  def nll_sum(h_BxCxD, targets_BxC, valid_BxC):
+    return (jnp.sum(next_token_nll(lm_head(params, cfg, h_BxCxD), targets_BxC) * valid_BxC),)
+
+  targets_BxL = windows_BxLp1[:, 1:]
+  return _chunked_sums(nll_sum, chunk, hidden_BxLxD, targets_BxL)[0] / targets_BxL.size
+
+
+def distill_loss(student_params, student_cfg: ModelConfig, teacher_params,
+                 teacher_cfg: ModelConfig, windows_BxLp1, alpha, temperature,
+                 student_masks=None, chunk: int = LOSS_CHUNK):
+  """In-place distillation: (1 - alpha) * CE(student) + alpha * T^2 * mean over tokens of
+  KL(softmax(z_teacher / T) || softmax(z_student / T)). The teacher (any width) gets no
+  gradient; T^2 keeps the soft term's gradient scale independent of T (Hinton et al.)."""
+  inputs_BxL, targets_BxL = windows_BxLp1[:, :-1], windows_BxLp1[:, 1:]
+  hs_BxLxD = GPT2(student_cfg).apply({"params": student_params}, inputs_BxL, student_masks,
+                                     return_hidden=True)
+  teacher_params = jax.lax.stop_gradient(teacher_params)
+  ht_BxLxD = GPT2(teacher_cfg).apply({"params": teacher_params}, inputs_BxL, return_hidden=True)
+
+  def sums(hs_BxCxD, ht_BxCxD, targets_BxC, valid_BxC):
+    zs_BxCxV = lm_head(student_params, student_cfg, hs_BxCxD)
+    zt_BxCxV = lm_head(teacher_params, teacher_cfg, ht_BxCxD)
+    logq_BxCxV = jax.nn.log_softmax(zs_BxCxV / temperature, axis=-1)
+    logp_BxCxV = jax.nn.log_softmax(zt_BxCxV / temperature, axis=-1)
+    kl_BxC = jnp.sum(jnp.exp(logp_BxCxV) * (logp_BxCxV - logq_BxCxV), axis=-1)
+    ce_BxC = next_token_nll(zs_BxCxV, targets_BxC)
+    return jnp.sum(ce_BxC * valid_BxC), jnp.sum(kl_BxC * valid_BxC)
+
+  ce, kl = _chunked_sums(sums, chunk, hs_BxLxD, ht_BxLxD, targets_BxL)
+  n = targets_BxL.size
+  return (1 - alpha) * ce / n + alpha * temperature ** 2 * kl / n
 
 
 def flops_per_token(cfg: ModelConfig, context: int) -> float:
@@ -222,3 +298,94 @@ def flops_per_token(cfg: ModelConfig, context: int) -> float:
     fwd += 2 * 2 * context * hk / 2  # causal QK^T and AV, half the scores on average
   fwd += 2 * d * cfg.vocab_size  # LM head
   return 3.0 * fwd
+
+
+# ---- KV-cached decoding --------------------------------------------------------------------------
+# The same parameters run through the same submodules (LayerNorm, Linear, MLP, Embed applied to
+# their param subtrees), only attention differs: keys and values live in a fixed-size cache of P
+# positions per layer, (B, H, P, K) each, so every decode step has one shape and compiles once.
+# Masks (the Masked variant) are a training device and are not supported here.
+
+
+def init_cache(cfg: ModelConfig, batch: int) -> tuple:
+  """Empty cache: per layer a (keys, values) pair of zeros (B, H_l, P, K) in the compute dtype."""
+  zeros = lambda h: jnp.zeros((batch, h, cfg.n_positions, cfg.head_dim), jnp.dtype(cfg.dtype))
+  return tuple((zeros(h), zeros(h)) for h in cfg.n_head)
+
+
+def _embed(params, cfg: ModelConfig, tokens_BxT, pos_T):
+  dtype = jnp.dtype(cfg.dtype)
+  embed = lambda name, n, ids: nn.Embed(n, cfg.n_embd, dtype=dtype).apply(
+      {"params": params[name]}, ids)
+  return (embed("wte", cfg.vocab_size, tokens_BxT) +
+          embed("wpe", cfg.n_positions, pos_T)[None]).astype(dtype)
+
+
+def _cached_block(p, cfg: ModelConfig, i: int, x_BxTxD, attend):
+  """`Block` without masks, with attention core `attend(q, k, v) -> (out, new layer cache)`."""
+  dtype = jnp.dtype(cfg.dtype)
+  ln = lambda name, x: nn.LayerNorm(cfg.layer_norm_epsilon, dtype=dtype).apply(
+      {"params": p[name]}, x)
+  b, t, _ = x_BxTxD.shape
+  h, k = cfg.n_head[i], cfg.head_dim
+  qkv = Linear(3 * h * k, dtype).apply({"params": p["attn"]["c_attn"]}, ln("ln_1", x_BxTxD))
+  qkv_Bx3xTxHxK = jnp.moveaxis(qkv.reshape(b, t, 3, h, k), 2, 1)
+  out_BxTxHxK, layer_cache = attend(qkv_Bx3xTxHxK[:, 0], qkv_Bx3xTxHxK[:, 1], qkv_Bx3xTxHxK[:, 2])
+  x_BxTxD = x_BxTxD + Linear(cfg.n_embd, dtype).apply(
+      {"params": p["attn"]["c_proj"]}, out_BxTxHxK.reshape(b, t, h * k), cfg.attn_scale[i])
+  mlp = MLP(cfg.n_inner[i], cfg.n_embd, 0.02, cfg.mlp_scale[i], dtype)
+  return x_BxTxD + mlp.apply({"params": p["mlp"]}, ln("ln_2", x_BxTxD)), layer_cache
+
+
+def _final(params, cfg: ModelConfig, x_xD):
+  return nn.LayerNorm(cfg.layer_norm_epsilon, dtype=jnp.dtype(cfg.dtype)).apply(
+      {"params": params["ln_f"]}, x_xD)
+
+
+def prefill(params, cfg: ModelConfig, tokens_BxT):
+  """Hidden states (B, T, D) of positions 0..T-1 (feed them to `lm_head`) and a cache whose
+  first T positions hold their keys and values (the rest zeros). T <= P."""
+  b, t = tokens_BxT.shape
+  if t > cfg.n_positions:
+    raise ValueError(f"prefill length {t} exceeds n_positions={cfg.n_positions}")
+  impl = None if cfg.attention == "auto" else cfg.attention
+  to_cache = lambda x_BxTxHxK: jnp.pad(jnp.swapaxes(x_BxTxHxK, 1, 2),
+                                       ((0, 0), (0, 0), (0, cfg.n_positions - t), (0, 0)))
+
+  def attend(q, k, v):  # plain causal attention among the T new positions
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+    return out, (to_cache(k), to_cache(v))
+
+  x_BxTxD, cache = _embed(params, cfg, tokens_BxT, jnp.arange(t)), []
+  for i in range(cfg.n_layer):
+    x_BxTxD, layer_cache = _cached_block(params[f"h_{i}"], cfg, i, x_BxTxD, attend)
+    cache.append(layer_cache)
+  return _final(params, cfg, x_BxTxD), tuple(cache)
+
+
+def _attend_cache(q_Bx1xHxK, k_Bx1xHxK, v_Bx1xHxK, layer_cache, pos):
+  """Writes the new key/value at `pos`, then attends over the whole fixed cache with positions
+  after `pos` masked (stale or zero entries there never count)."""
+  kc_BxHxPxK, vc_BxHxPxK = (
+      jax.lax.dynamic_update_slice(c, jnp.swapaxes(x, 1, 2).astype(c.dtype), (0, 0, pos, 0))
+      for c, x in zip(layer_cache, (k_Bx1xHxK, v_Bx1xHxK)))
+  k = q_Bx1xHxK.shape[-1]
+  # As jax.nn.dot_product_attention: float32 scores and softmax, values in the compute dtype.
+  s_BxHxP = jnp.einsum("bhk,bhpk->bhp", q_Bx1xHxK[:, 0], kc_BxHxPxK,
+                       preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(k))
+  seen_P = jnp.arange(kc_BxHxPxK.shape[2]) <= pos
+  s_BxHxP = jnp.where(seen_P, s_BxHxP, jnp.finfo(jnp.float32).min)
+  w_BxHxP = jax.nn.softmax(s_BxHxP, axis=-1).astype(vc_BxHxPxK.dtype)
+  out_BxHxK = jnp.einsum("bhp,bhpk->bhk", w_BxHxP, vc_BxHxPxK)
+  return out_BxHxK[:, None], (kc_BxHxPxK, vc_BxHxPxK)
+
+
+def decode(params, cfg: ModelConfig, tokens_B, pos, cache):
+  """One position: the hidden state (B, D) of `tokens_B` at position `pos` (< P, a traced
+  scalar) given the cache of positions 0..pos-1, and the cache with `pos` written."""
+  x_Bx1xD, new_cache = _embed(params, cfg, tokens_B[:, None], pos[None]), []
+  for i in range(cfg.n_layer):
+    attend = lambda q, k, v, c=cache[i]: _attend_cache(q, k, v, c, pos)
+    x_Bx1xD, layer_cache = _cached_block(params[f"h_{i}"], cfg, i, x_Bx1xD, attend)
+    new_cache.append(layer_cache)
+  return _final(params, cfg, x_Bx1xD[:, 0]), tuple(new_cache)
