@@ -38,6 +38,7 @@ def default_config() -> ml_collections.ConfigDict:
   m.context = 128  # L: training window and model positions
   m.dtype = "float32"  # compute dtype (float32 | bfloat16); params are float32
   m.attention = "xla"  # xla | cudnn (GPU flash attention) | auto
+  m.remat = False  # checkpoint each block's activations (memory for compute)
 
   c.subnet = s = ml_collections.ConfigDict()
   s.mode = "attn"  # attn | mlp | attn_mlp | blocks (docs/method.md §2)
@@ -190,13 +191,14 @@ class ModelSpec:
   dtype: str
   attention: str
   head_dim: int = 0
+  remat: bool = False
 
   def model_config(self, vocab_size: int) -> ModelConfig:
     return ModelConfig.uniform(n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd,
                                n_inner=self.n_inner or None, head_dim=self.head_dim or None,
                                vocab_size=vocab_size,
                                n_positions=self.context, dtype=self.dtype,
-                               attention=self.attention)
+                               attention=self.attention, remat=self.remat)
 
 
 @dataclasses.dataclass(frozen=True)
