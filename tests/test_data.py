@@ -4,6 +4,7 @@ import json
 import types
 import zipfile
 
+import chex
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -350,29 +351,52 @@ def _iterator(seed=0, workers=3, batch=4, tokens=TOKENS):
   return windows.TrainIterator(tokens, num_workers=workers, batch_size=batch, context=L, seed=seed)
 
 
+def _window_ids(batch_WxBxLp1):
+  """Which window each row is, checked against a NumPy gather: token i is i, so window k starts
+  at k*L and runs for L+1 tokens."""
+  ids_WxB = batch_WxBxLp1[..., 0] // L
+  np.testing.assert_array_equal(batch_WxBxLp1, TOKENS[ids_WxB[..., None] * L + np.arange(L + 1)])
+  return ids_WxB
+
+
 def test_iterator_shapes_and_windows():
   batch = next(_iterator())
-  assert batch.shape == (3, 4, L + 1) and batch.dtype == np.int32
-  np.testing.assert_array_equal(batch, batch[..., :1] + np.arange(L + 1))
+  chex.assert_shape(batch, (3, 4, L + 1))
+  chex.assert_type(batch, np.int32)
   assert np.all(batch[..., 0] % L == 0)
+  _window_ids(batch)
 
 
 def test_iterator_is_deterministic_in_seed():
   a, b, c = _iterator(0), _iterator(0), _iterator(1)
   first = [next(a) for _ in range(10)]
-  np.testing.assert_array_equal(np.stack(first), np.stack([next(b) for _ in range(10)]))
+  chex.assert_trees_all_equal(first, [next(b) for _ in range(10)])
   assert not np.array_equal(first[0], next(c))
 
 
-def test_worker_shards_are_disjoint_within_an_epoch():
+def test_each_epoch_deals_distinct_windows_and_reshuffles():
   it = _iterator()
   assert it.steps_per_epoch == 50 // 12
   epochs = []
-  for _ in range(2):
-    starts = np.stack([next(it)[..., 0] for _ in range(it.steps_per_epoch)])  # (steps, W, B)
-    assert len(np.unique(starts)) == starts.size  # no window twice, across workers and steps
-    epochs.append(starts)
-  assert not np.array_equal(epochs[0], epochs[1])  # reshuffled every epoch
+  for _ in range(6):
+    ids = np.stack([_window_ids(next(it)) for _ in range(it.steps_per_epoch)])  # (steps, W, B)
+    assert len(np.unique(ids)) == ids.size == 48  # no window twice, across workers and steps
+    assert ids.min() >= 0 and ids.max() < 50
+    epochs.append(ids)
+  assert len({e.tobytes() for e in epochs}) == 6  # a new order every epoch
+  # The two windows left over differ between epochs: over six epochs every window is seen.
+  assert set(np.concatenate(epochs).ravel()) == set(range(50))
+
+
+def test_steps_are_gathered_from_the_grain_index_order():
+  # The same pipeline without the gather yields the window indices; step k of the iterator is
+  # exactly gather_windows of block k, reshaped to (W, B) in row-major order.
+  it = _iterator(seed=5)
+  dataset = windows.train_dataset(TOKENS, num_workers=3, batch_size=4, context=L, seed=5)
+  assert len(dataset) > 10**15  # endless
+  for k in range(9):
+    ids_WxB = _window_ids(next(it))
+    np.testing.assert_array_equal(dataset[k], windows.gather_windows(TOKENS, ids_WxB, L))
 
 
 def test_resume_from_state_continues_exactly():
@@ -383,9 +407,19 @@ def test_resume_from_state_continues_exactly():
   expected = [next(it) for _ in range(7)]
   resumed = _iterator(seed=3)
   resumed.set_state(state)
-  np.testing.assert_array_equal(np.stack([next(resumed) for _ in range(7)]), np.stack(expected))
+  chex.assert_trees_all_equal([next(resumed) for _ in range(7)], expected)
+  # A fresh iterator is at step 0 and differs from where the saved one stood.
+  assert not np.array_equal(next(_iterator(seed=3)), expected[0])
   with pytest.raises(DataError, match='batch_size'):
     _iterator(seed=3, batch=2).set_state(state)
+
+
+def test_state_of_the_old_pipeline_is_refused_in_one_line():
+  old = {'version': 1, 'seed': 3, 'num_workers': 3, 'batch_size': 4, 'context': L,
+         'num_windows': 50, 'epoch': 1, 'step': 2}
+  with pytest.raises(DataError, match='older data pipeline.*new --workdir') as err:
+    _iterator(seed=3).set_state(old)
+  assert '\n' not in str(err.value)
 
 
 def test_too_few_windows_says_how_many():
@@ -399,7 +433,8 @@ def test_dataset_iterator_uses_train_split(tmp_path):
   ds = data.load(_cfg(tmp_path / 'cache', name='text_files', files=files))
   it = ds.train_iterator(num_workers=2, batch_size=3, context=32, seed=0)
   batch = next(it)
-  assert batch.shape == (2, 3, 33) and batch.dtype == np.int32
+  chex.assert_shape(batch, (2, 3, 33))
+  chex.assert_type(batch, np.int32)
   train = ds.tokens('train')
   start = batch[0, 0, 0]
   assert any(np.array_equal(train[i:i + 33], batch[0, 0]) for i in np.flatnonzero(train == start))

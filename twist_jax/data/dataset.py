@@ -37,6 +37,8 @@ class Dataset:
 
   def train_iterator(self, *, num_workers: int, batch_size: int, context: int,
                      seed: int) -> windows.TrainIterator:
+    """Endless, resumable (W, B, L+1) int32 step batches of the train split (see
+    `windows.train_dataset`)."""
     return windows.TrainIterator(self.splits['train'], num_workers=num_workers,
                                  batch_size=batch_size, context=context, seed=seed)
 
