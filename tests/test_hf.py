@@ -22,8 +22,10 @@ from helpers import random_params
 random_params = functools.partial(random_params, std=0.1)
 
 # The transformers cross-checks are marked, not silently skipped: `-ra` prints the reason, and
-# CI installs the `hf` extra (and imports both first), so there they always run.
+# CI installs the `hf` extra and sets TWIST_REQUIRE_TRANSFORMERS, so there they always run.
 HAVE_TRANSFORMERS = all(importlib.util.find_spec(m) for m in ("torch", "transformers"))
+if os.environ.get("TWIST_REQUIRE_TRANSFORMERS") and not HAVE_TRANSFORMERS:
+  raise ImportError("TWIST_REQUIRE_TRANSFORMERS is set (CI) but torch or transformers is missing")
 requires_transformers = pytest.mark.skipif(
     not HAVE_TRANSFORMERS,
     reason="cross-check against transformers needs torch + transformers: pip install -e '.[hf]'")

@@ -152,10 +152,14 @@ def test_init_from_run_starts_from_its_latest_params(finished_run, tmp_path):
     train.build(config_lib.from_configdict(c), str(tmp_path / "ft2"))
 
 
-@pytest.mark.skipif(
-    not all(importlib.util.find_spec(m) for m in ("torch", "transformers")),
-    reason="the HF folder is written by transformers: needs torch + transformers: "
-    "pip install -e '.[hf]'")
+HAVE_TRANSFORMERS = all(importlib.util.find_spec(m) for m in ("torch", "transformers"))
+if os.environ.get("TWIST_REQUIRE_TRANSFORMERS") and not HAVE_TRANSFORMERS:  # CI: never skip
+  raise ImportError("TWIST_REQUIRE_TRANSFORMERS is set (CI) but torch or transformers is missing")
+
+
+@pytest.mark.skipif(not HAVE_TRANSFORMERS,
+                    reason="the HF folder is written by transformers: needs torch + transformers: "
+                    "pip install -e '.[hf]'")
 def test_init_from_a_hugging_face_folder(tmp_path):
   import numpy as np
   import jax
