@@ -1,6 +1,6 @@
-"""`python -m twist_jax.baselines` on a tiny DDP run: one JSON object for unstructured and
-structured methods, consistent with evaluating the model directly; bad arguments exit 2 with
-one line and write nothing."""
+"""`python -m twist_jax.baselines` on a tiny DDP run: a short summary, or with --json / --out the
+full record, for unstructured and structured methods, consistent with evaluating the model
+directly; bad arguments exit 2 with one line and write nothing."""
 
 import importlib.util
 import json
@@ -46,6 +46,21 @@ def dense(ddp_run):
   return cfg, model, params, windows, evaluate.mean_nll(params, model, windows)
 
 
+def direct_loss(ddp_run, dense, method):
+  """The same pruning done by hand on the same 8 calibration and 16 validation windows."""
+  from twist_jax import baselines
+
+  cfg, model, params, windows, _ = dense
+  calib = cli.calibration_windows(data.load(cfg.data), cfg, 8)
+  if method.startswith(cli.STRUCT_PREFIX):
+    spec = cli.structured_spec(model, 0.5, "attn_mlp", cfg.subnet.shared_layers)
+    small, small_cfg = cli.prune_structured(params, model, method[len(cli.STRUCT_PREFIX):], spec,
+                                            calib, None)
+  else:
+    small, small_cfg = baselines.prune_unstructured(params, model, method, 0.5, calib), model
+  return evaluate.mean_nll(small, small_cfg, windows)
+
+
 def run_cli(capsys, *argv):
   code = cli.main(list(argv))
   captured = capsys.readouterr()
@@ -58,17 +73,18 @@ def listing(folder):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["wanda", "struct-wanda"])
-def test_prints_one_json_object(ddp_run, dense, capsys, method):
+def test_json_record(ddp_run, dense, capsys, method):
   cfg, model, _, _, full = dense
   code, out, err = run_cli(capsys, "--workdir", ddp_run, "--method", method, "--sparsity", "0.5",
-                           "--calib-windows", "8", "--max-windows", "16")
+                           "--calib-windows", "8", "--max-windows", "16", "--json")
   assert code == 0, err
   result = json.loads(out)
   assert KEYS <= set(result)
   assert result["method"] == method and result["sparsity"] == 0.5 and result["windows"] == 16
   assert result["protocol"] == data.protocol(cfg.data, cfg.model.context)
   assert math.isclose(result["val_ppl"], math.exp(result["val_loss"]), rel_tol=1e-9)
-  assert result["val_loss"] > full - 1e-3  # pruning does not beat the dense model here
+  assert result["val_loss"] != full  # half the weights went: the loss moved
+  np.testing.assert_allclose(result["val_loss"], direct_loss(ddp_run, dense, method), rtol=1e-5)
   assert result["params_total"] == model.num_params()
   assert result["calibration"].startswith("8 shuffled training windows")
   # Half of every block's prunable weights go; embeddings, LayerNorms and biases stay.
@@ -84,7 +100,7 @@ def test_prints_one_json_object(ddp_run, dense, capsys, method):
 def test_structured_at_zero_sparsity_is_the_dense_model(ddp_run, dense, capsys):
   *_, full = dense
   code, out, err = run_cli(capsys, "--workdir", ddp_run, "--method", "struct-magnitude",
-                           "--sparsity", "0", "--max-windows", "16")
+                           "--sparsity", "0", "--max-windows", "16", "--json")
   assert code == 0, err
   result = json.loads(out)
   np.testing.assert_allclose(result["val_loss"], full, rtol=1e-5)
@@ -97,7 +113,7 @@ def test_unstructured_keeps_the_unpruned_count(ddp_run, dense, capsys):
   """params_kept = total - zeros introduced: half of each of the four block kernels."""
   _, model, *_ = dense
   code, out, err = run_cli(capsys, "--workdir", ddp_run, "--method", "magnitude", "--sparsity",
-                           "0.5", "--max-windows", "4")
+                           "0.5", "--max-windows", "4", "--json")
   assert code == 0, err
   d, kernels = model.n_embd, 0
   for h, f in zip(model.n_head, model.n_inner):
@@ -107,10 +123,32 @@ def test_unstructured_keeps_the_unpruned_count(ddp_run, dense, capsys):
 
 
 @pytest.mark.slow
+def test_json_equals_the_out_file_and_summary_matches(ddp_run, capsys, tmp_path):
+  args = ["--workdir", ddp_run, "--method", "struct-magnitude", "--sparsity", "0.5",
+          "--max-windows", "8"]
+  code, out, err = run_cli(capsys, *args, "--out", str(tmp_path / "a.json"), "--json")
+  assert code == 0, err
+  with open(tmp_path / "a.json") as f:
+    record = json.load(f)
+  assert json.loads(out) == record
+  code, out, err = run_cli(capsys, *args, "--out", str(tmp_path / "sub" / "b.json"))
+  assert code == 0, err
+  lines = out.strip().splitlines()
+  assert len(lines) == 3, out  # what was pruned, the PPL, where the record is
+  with open(tmp_path / "sub" / "b.json") as f:
+    again = json.load(f)
+  assert again["val_loss"] == record["val_loss"]  # same windows, same deterministic pruning
+  assert f"sparsity 0.5, kept {again['params_kept']:,} of {again['params_total']:,}" in lines[0]
+  assert (f"val loss {again['val_loss']:.4f}, PPL {again['val_ppl']:.2f} on 8 windows"
+          in lines[1])
+  assert lines[2] == f"record: {tmp_path / 'sub' / 'b.json'}"
+
+
+@pytest.mark.slow
 def test_module_entry_point(ddp_run):
   proc = subprocess.run(
       [sys.executable, "-m", "twist_jax.baselines", "--workdir", ddp_run, "--method",
-       "struct-random", "--sparsity", "0.25", "--mode", "mlp", "--max-windows", "4"],
+       "struct-random", "--sparsity", "0.25", "--mode", "mlp", "--max-windows", "4", "--json"],
       capture_output=True, text=True, cwd=ROOT, timeout=300)
   assert proc.returncode == 0, proc.stderr
   result = json.loads(proc.stdout)
@@ -127,6 +165,7 @@ BAD_ARGS = [
     (["--method", "struct-wanda", "--sparsity", "0.5", "--mode", "blocks"], "--mode"),
     (["--method", "struct-magnitude", "--sparsity", "0.9"], "zero units"),  # 0.1 x 4 heads = 0
     (["--method", "magnitude", "--sparsity", "0.5", "--max-windows", "-2"], "--max-windows"),
+    (["--method", "magnitude", "--sparsity", "0.5", "--out", "RUN"], "--out"),
 ]
 
 
@@ -134,6 +173,7 @@ BAD_ARGS = [
 @pytest.mark.parametrize("extra,needle", BAD_ARGS)
 def test_bad_arguments_exit_2_and_write_nothing(ddp_run, capsys, extra, needle):
   before = listing(ddp_run)
+  extra = [a.replace("RUN", ddp_run) for a in extra]
   code, out, err = run_cli(capsys, "--workdir", ddp_run, *extra)
   assert code == 2 and out == ""
   assert err.startswith("error: ") and err.count("\n") == 1

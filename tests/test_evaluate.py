@@ -193,7 +193,7 @@ def test_report_matches_direct_evaluation(report, runs):
   np.testing.assert_allclose(rep["runs"]["TwIST"]["full"]["loss"],
                              evaluate.mean_nll(params, model, windows), rtol=1e-6)
   spec = evaluate.deploy_spec(model, "attn", 0.5, (), "mean")
-  subnets_S = evaluate.random_subnets(evaluate._kappa_key(0, 0.5), spec, 4)
+  subnets_S = evaluate.random_subnets(evaluate.kappa_key(0, 0.5), spec, 4)
   small_cfg = subnets.subnet_model_config(model, spec)
   for n, loss in enumerate(rep["runs"]["TwIST"]["kappas"]["0.5"]["losses"]):
     small = subnets.extract_subnet(params, one_subnet(subnets_S, n), spec)
@@ -255,19 +255,57 @@ def test_cli_missing_run_and_no_target(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_cli_prints_json_summary(runs, tmp_path, capsys):
+def test_cli_json_equals_the_files(runs, tmp_path, capsys):
   out_png = str(tmp_path / "hm.png")
   code = evaluate.main(["--workdir", runs["TwIST"], "--compare", runs["DDP"], "--kappas", "0.5",
                         "--samples", "2", "--max-windows", "8", "--heatmap",
-                        f"{runs['TwIST']},{runs['DDP']}", "--out", out_png, "--no-progress"])
+                        f"{runs['TwIST']},{runs['DDP']}", "--out", out_png, "--no-progress",
+                        "--json"])
   captured = capsys.readouterr()
   assert code == 0, captured.err
-  summary = json.loads(captured.out)
-  assert set(summary["runs"]) == {"TwIST", "DDP"}
-  ddp = summary["runs"]["DDP"]
-  assert ddp["kappas"]["0.5"]["params"] < ddp["full"]["params"]
-  assert summary["report"] == os.path.join(os.path.abspath(runs["TwIST"]), "golden_tickets.json")
-  for name in ("golden_tickets.json", "golden_tickets.png", "golden_tickets.md"):
-    assert os.path.exists(os.path.join(runs["TwIST"], name))
-  assert os.path.exists(out_png) and os.path.exists(str(tmp_path / "hm.json"))
-  assert np.asarray(summary["heatmap"]["ppl"]).shape == (2, 1)
+  printed = json.loads(captured.out)
+  with open(os.path.join(runs["TwIST"], "golden_tickets.json")) as f:
+    assert printed["golden_tickets"] == json.load(f)
+  with open(str(tmp_path / "hm.json")) as f:
+    assert printed["heatmap"] == json.load(f)
+  assert set(printed["golden_tickets"]["runs"]) == {"TwIST", "DDP"}
+  assert np.asarray(printed["heatmap"]["ppl"]).shape == (2, 1)
+  assert os.path.exists(out_png) and os.path.exists(os.path.join(runs["TwIST"],
+                                                                 "golden_tickets.png"))
+  # One target: the printed JSON is that file's object itself.
+  assert evaluate.main(["--workdir", runs["TwIST"], "--kappas", "0.5", "--samples", "2",
+                        "--max-windows", "8", "--no-progress", "--json"]) == 0
+  with open(os.path.join(runs["TwIST"], "golden_tickets.json")) as f:
+    assert json.loads(capsys.readouterr().out) == json.load(f)
+
+
+def parse_table(text: str) -> dict:
+  """{(run, kappa): [cells]} from the summary table's rows (cells split on 2+ spaces)."""
+  import re
+
+  rows = [re.split(r"\s{2,}", ln.strip()) for ln in text.splitlines()]
+  return {(r[0], r[1]): r[2:] for r in rows if len(r) >= 7 and r[0] in ("TwIST", "DDP")}
+
+
+@pytest.mark.slow
+def test_cli_default_output_is_a_short_table_matching_the_json(runs, capsys):
+  code = evaluate.main(["--workdir", runs["TwIST"], "--compare", runs["DDP"], "--kappas",
+                        "0.25,0.5", "--samples", "3", "--max-windows", "8", "--no-progress"])
+  captured = capsys.readouterr()
+  assert code == 0, captured.err
+  lines = captured.out.strip().splitlines()
+  assert len(lines) <= 10, captured.out  # title + header + 2 runs x (full + 2 kappas) + paths
+  with open(os.path.join(runs["TwIST"], "golden_tickets.json")) as f:
+    rep = json.load(f)
+  table = parse_table(captured.out)
+  assert len(table) == 6
+  for label, run in rep["runs"].items():
+    full = table[(label, "full")]
+    assert full[1] == f"{run['full']['loss']:.4f}" and full[3] == f"{run['full']['ppl']:.2f}"
+    for k, d in run["kappas"].items():
+      params, mean_std, worst, ppl_mean, ppl_worst = table[(label, k)]
+      assert params == f"{d['params']:,}"
+      assert mean_std == f"{d['mean']:.4f} ± {d['std']:.4f}"
+      assert worst == f"{max(d['losses']):.4f}"
+      assert ppl_mean == f"{np.exp(d['mean']):.2f}" and ppl_worst == f"{np.exp(d['max']):.2f}"
+  assert os.path.join(os.path.abspath(runs["TwIST"]), "golden_tickets.json") in lines[-1]

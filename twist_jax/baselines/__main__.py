@@ -1,15 +1,16 @@
 """Post-training pruning baselines on a trained run, evaluated like the TwIST subnets.
 
   python -m twist_jax.baselines --workdir RUN_DDP --method NAME --sparsity 0.5 \
-      [--calib-windows 16] [--mode attn_mlp] [--max-windows 64] [--seed 0]
+      [--calib-windows 16] [--mode attn_mlp] [--max-windows 64] [--seed 0] [--out FILE] [--json]
 
 NAME: unstructured magnitude | wanda | sparsegpt (same shapes, zeros in the four block kernels),
 or structured struct-random | struct-magnitude | struct-wanda (unit scores -> the top
 kappa = 1 - sparsity units per partitioned layer -> an extracted dense, smaller GPT-2).
 Structured subnets are extracted with correction 'none': a pruning baseline rescales nothing.
 Calibration windows come from the *training* split (the run's seed shuffles which); the
-validation windows and protocol are those of `python -m twist_jax.evaluate`. Prints one JSON
-object and writes nothing.
+validation windows and protocol are those of `python -m twist_jax.evaluate`. Prints a short
+summary (method, sparsity, kept parameters, PPL); the full JSON record goes to --out FILE
+and/or, with --json, to stdout instead of the summary. Writes nothing else.
 """
 
 import os
@@ -19,7 +20,7 @@ import time
 import jax
 import numpy as np
 
-from twist_jax import baselines, evaluate, subnets
+from twist_jax import baselines, evaluate, files, subnets
 from twist_jax.errors import ConfigError, UserError
 
 STRUCT_PREFIX = "struct-"
@@ -43,6 +44,8 @@ def _parser() -> evaluate.OneLineParser:
   p.add_argument("--max-windows", type=int, default=64, help="validation windows (0 = all)")
   p.add_argument("--batch-size", type=int, default=32, help="validation batch")
   p.add_argument("--seed", type=int, default=0, help="struct-random's scores")
+  p.add_argument("--out", help="JSON file for the full record (a new or replaced file)")
+  evaluate.add_json_flag(p)
   return p
 
 
@@ -54,6 +57,8 @@ def _check(a) -> None:
                            ("--batch-size", a.batch_size, 1)):
     if value < low:
       raise UserError(f"{flag}: got {value}; must be >= {low}")
+  if a.out and os.path.isdir(a.out):
+    raise UserError(f"--out {a.out}: is a folder; give a JSON file path")
   evaluate.check_run(a.workdir)
 
 
@@ -85,11 +90,30 @@ def _zeros(params) -> int:
   return int(sum(np.count_nonzero(np.asarray(x) == 0) for x in jax.tree.leaves(params)))
 
 
-def _main(argv) -> dict:
-  from twist_jax import checkpoint, data
+def summary(r: dict) -> str:
+  """Two lines for the terminal: what was pruned, and the resulting PPL."""
+  how = f"{r['kind']}, {r['mode']} mode" if r["kind"] == "structured" else r["kind"]
+  return (f"{r['method']} ({how}): sparsity {r['sparsity']:g}, kept {r['params_kept']:,} of "
+          f"{r['params_total']:,} params ({r['params_kept_fraction']:.1%})\n"
+          f"val loss {r['val_loss']:.4f}, PPL {r['val_ppl']:.2f} on {r['windows']} windows "
+          f"({r['protocol']})")
 
+
+def _main(argv) -> evaluate.Output:
   a = _parser().parse_args(argv)
   _check(a)
+  record = prune_and_evaluate(a)
+  text = summary(record)
+  if a.out:
+    files.write_json(a.out, record)
+    text += f"\nrecord: {os.path.abspath(a.out)}"
+  return evaluate.Output(record, text, a.json)
+
+
+def prune_and_evaluate(a) -> dict:
+  """The CLI's work on checked arguments: load, prune, evaluate; returns the JSON record."""
+  from twist_jax import checkpoint, data
+
   cfg, model, params = checkpoint.load_run(a.workdir)
   structured = a.method.startswith(STRUCT_PREFIX)
   kappa = 1.0 - a.sparsity

@@ -1,30 +1,18 @@
-"""The on-disk cache: where it lives and crash-safe writes (a temp file renamed into place)."""
+"""The on-disk cache: where it lives, and arrays written crash-safe (twist_jax.files)."""
 
 import os
 import pathlib
-import uuid
-from typing import Callable
 
 import numpy as np
+
+# Re-exported: the tokenizer cache writes through cache.atomic_write.
+from twist_jax.files import atomic_write  # noqa: F401
 
 
 def data_root(data_dir: str) -> pathlib.Path:
   """`data_dir`, else $TWIST_DATA_DIR, else ~/.cache/twist_jax."""
   root = data_dir or os.environ.get('TWIST_DATA_DIR') or '~/.cache/twist_jax'
   return pathlib.Path(root).expanduser()
-
-
-def atomic_write(path, write: Callable[[str], None]) -> None:
-  """Calls `write(tmp)` then renames tmp to `path`, so readers never see half a file."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  # A unique name per writer: two processes building the same cache do not clobber each other.
-  tmp = path.with_name(f'.{path.name}.{uuid.uuid4().hex}.tmp')
-  try:
-    write(str(tmp))
-    os.replace(tmp, path)
-  finally:
-    tmp.unlink(missing_ok=True)
 
 
 def save_array(path, array: np.ndarray) -> None:
