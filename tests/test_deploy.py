@@ -91,6 +91,31 @@ def test_correction_is_folded_into_c_proj_kernels_only(params):
                          masked_logits(params, CFG, spec, subnet), atol=1e-3)
 
 
+def test_fold_correction_keeps_the_function(params):
+  """Scaled forward before folding == plain forward (scales 1) after, for deploy and HF export."""
+  from twist_jax import hf
+
+  scaled = CFG.replace(attn_scale=(2.0, 0.5, 1.0, 1.5), mlp_scale=(1.0, 3.0, 0.25, 2.0))
+  folded, plain = deploy.fold_correction(params, scaled)
+  assert plain == CFG and plain.attn_scale == plain.mlp_scale == (1.0,) * 4
+  np.testing.assert_allclose(logits(folded, plain, TOKENS), logits(params, scaled, TOKENS),
+                             rtol=2e-5, atol=2e-5)
+  # The scales matter: the unfolded params without them are another function.
+  assert not np.allclose(logits(params, plain, TOKENS), logits(params, scaled, TOKENS), atol=1e-2)
+  # Only the c_proj kernels change, by their own block's scale.
+  flat, flat_folded = (flax.traverse_util.flatten_dict(p) for p in (params, folded))
+  for path, x in flat.items():
+    scale = ({"attn": scaled.attn_scale, "mlp": scaled.mlp_scale}[path[1]][int(path[0][2:])]
+             if path[-2:] == ("c_proj", "kernel") else 1.0)
+    np.testing.assert_allclose(flat_folded[path], scale * np.asarray(x), rtol=1e-6)
+  # The Hugging Face export folds by the same rule: exporting the scaled model writes the
+  # tensors of the already-folded one.
+  exported, reference = hf._hf_tensors(params, scaled), hf._hf_tensors(folded, plain)
+  assert exported.keys() == reference.keys()
+  for name, x in exported.items():
+    np.testing.assert_array_equal(x, reference[name])
+
+
 def test_kappa_one_is_the_full_model(params):
   spec = deploy.deploy_spec(CFG, "attn_mlp", 1.0)
   small, cfg_small = deploy.extract(params, CFG, spec, subnets.first_subnet(spec))
@@ -260,11 +285,36 @@ def mlp_run(tmp_path_factory):
 
 
 def run_cli(capsys, *args):
-  """(exit status, parsed JSON or None, stderr) of an in-process `python -m twist_jax.deploy`."""
-  code = exit_code(deploy.main, args)
+  """(exit status, parsed --json record or None, stderr) of an in-process
+  `python -m twist_jax.deploy`."""
+  code = exit_code(deploy.main, [*args, "--json"])
   out, err = capsys.readouterr()
-  lines = [ln for ln in out.splitlines() if ln.startswith("{")]
-  return code, (json.loads(lines[-1]) if code == 0 else None), err
+  return code, (json.loads(out) if code == 0 else None), err
+
+
+@pytest.mark.slow
+def test_cli_short_summary_and_json_record_file(mlp_run, tmp_path, capsys):
+  code = exit_code(deploy.main, ["--workdir", mlp_run, "--kappa", "0.5", "--out",
+                                 tmp_path / "a"])
+  out, err = capsys.readouterr()
+  assert code == 0, err
+  lines = out.strip().splitlines()
+  assert len(lines) == 3, out
+  with open(tmp_path / "a" / deploy.RECORD_FILE) as f:
+    rec = json.load(f)
+  assert (f"{rec['params_deployed']:,} of {rec['params_full']:,} params kept "
+          f"({rec['params_deployed'] / rec['params_full']:.1%})") in lines[0]
+  assert lines[1].startswith(f"val PPL {np.exp(rec['val_loss']):.2f} deployed vs "
+                             f"{np.exp(rec['full_val_loss']):.2f} full")
+  assert lines[2].startswith(f"saved: {tmp_path / 'a'} ")
+  # --json prints that file's record (same run, same seed: same numbers).
+  code, printed, err = run_cli(capsys, "--workdir", mlp_run, "--kappa", "0.5", "--out",
+                               tmp_path / "b")
+  assert code == 0, err
+  with open(tmp_path / "b" / deploy.RECORD_FILE) as f:
+    assert printed == json.load(f)
+  assert {k: v for k, v in printed.items() if k not in ("out", "checkpoint")} == {
+      k: v for k, v in rec.items() if k not in ("out", "checkpoint")}
 
 
 @pytest.mark.slow

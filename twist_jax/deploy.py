@@ -2,10 +2,13 @@
 it out as a smaller dense GPT-2 with the activation-shift correction folded into its c_proj
 kernels, and save it as a twist_jax checkpoint (and, where representable, a Hugging Face folder).
 
-  python -m twist_jax.deploy --workdir RUN --kappa 0.5 --heuristic random --seed 0 --out OUT [--hf]
+  python -m twist_jax.deploy --workdir RUN --kappa 0.5 --heuristic random --seed 0 --out OUT \
+      [--hf] [--json]
 
 Output folder: OUT/params (orbax), OUT/model.json (ModelConfig), OUT/subnet.json (how it was cut:
-mode, kappa, heuristic, seed, indices, source run and its data config), OUT/hf (with --hf).
+mode, kappa, heuristic, seed, indices, source run and its data config), OUT/deploy.json (sizes
+and validation loss / PPL of the deployed and the full model), OUT/hf (with --hf). The CLI prints
+a three-line summary, or with --json the record of OUT/deploy.json.
 Dimension alphabet: W workers (1 here), N layers, H heads, F MLP width, M windows, L length.
 """
 
@@ -21,13 +24,14 @@ import tempfile
 import jax
 import numpy as np
 
-from twist_jax import baselines, checkpoint, config as config_lib, evaluate, subnets
+from twist_jax import baselines, checkpoint, config as config_lib, evaluate, files, subnets
 from twist_jax.subnets import check_kappa, deploy_spec  # noqa: F401  (deploy_spec is API)
 from twist_jax.errors import DataError, UserError
 from twist_jax.model import ModelConfig, init_params
 
 HEURISTICS = config_lib.HEURISTICS  # random | first | best_of_k | magnitude
 PARAMS_DIR, MODEL_FILE, SUBNET_FILE, HF_DIR = "params", "model.json", "subnet.json", "hf"
+RECORD_FILE = "deploy.json"  # the CLI's record: sizes, losses, paths
 REPORT_WINDOWS = 64  # validation windows the CLI reports the deployed model's loss on
 SELECT_WINDOWS = 16  # further validation windows best_of_k selects on (disjoint when possible)
 
@@ -96,25 +100,32 @@ def one_worker(subnet):
   return jax.tree.map(lambda x: x[0] if np.ndim(x) == 2 else x, subnet)
 
 
-def _fold(params, cfg: ModelConfig) -> dict:
-  """Multiplies each c_proj kernel by its branch's scale: (c W) x + b == c (W x) + b."""
+def fold_correction(params, cfg: ModelConfig) -> tuple[dict, ModelConfig]:
+  """(params, cfg) computing the same function with all branch scales 1.0: each block's
+  attn_scale / mlp_scale is multiplied into that branch's c_proj kernel.
+
+  The scale multiplies the branch output before the residual add, and only the kernel term is
+  scaled: c (W x) + b == (c W) x + b. The one folding rule for deployment and Hugging Face export
+  (docs/method.md §4); NumPy or JAX leaves, dtype kept.
+  """
   out = dict(params)
   for i in range(cfg.n_layer):
     block = {**out[f"h_{i}"]}
     for branch, scale in (("attn", cfg.attn_scale[i]), ("mlp", cfg.mlp_scale[i])):
       proj = block[branch]["c_proj"]
-      block[branch] = {**block[branch], "c_proj": {**proj, "kernel": proj["kernel"] * scale}}
+      # A Python float is weakly typed: the kernel keeps its dtype (NumPy and JAX alike).
+      kernel = proj["kernel"] * float(scale)
+      block[branch] = {**block[branch], "c_proj": {**proj, "kernel": kernel}}
     out[f"h_{i}"] = block
-  return out
+  ones = (1.0,) * cfg.n_layer
+  return out, cfg.replace(attn_scale=ones, mlp_scale=ones)
 
 
 def extract(params, model_cfg: ModelConfig, spec: subnets.SubnetSpec, subnet):
   """(params_small, cfg_small): the subnet as a plain dense GPT-2 with the correction folded in,
   so cfg_small's scales are all 1.0. `subnet` is W = 1 (as choose_subnet returns) or unbatched."""
   small = subnets.extract_subnet(params, one_worker(subnet), spec)
-  cfg_scaled = subnets.subnet_model_config(model_cfg, spec)
-  ones = (1.0,) * cfg_scaled.n_layer
-  return _fold(small, cfg_scaled), cfg_scaled.replace(attn_scale=ones, mlp_scale=ones)
+  return fold_correction(small, subnets.subnet_model_config(model_cfg, spec))
 
 
 # ---- save / load ---------------------------------------------------------------------------------
@@ -145,19 +156,22 @@ def _staged(out_dir: str):
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _write_json(path: str, obj) -> None:
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-
-
 def indices_json(subnet) -> dict:
   """Index pytree (W = 1 or not) as nested lists of ints for subnet.json."""
   return jax.tree.map(lambda x: np.asarray(x).tolist(), one_worker(subnet))
 
 
+def planned_paths(out_dir: str, hf: bool) -> dict:
+  """Where save_deployed puts things: out, checkpoint, hf (None without `hf`)."""
+  out_dir = os.path.abspath(out_dir)
+  return {"out": out_dir, "checkpoint": os.path.join(out_dir, PARAMS_DIR),
+          "hf": os.path.join(out_dir, HF_DIR) if hf else None}
+
+
 def save_deployed(out_dir: str, params_small, cfg_small: ModelConfig, info: dict, *,
-                  hf: bool = False) -> dict:
-  """Writes OUT/{params, model.json, subnet.json} and with `hf` OUT/hf; returns the paths.
+                  hf: bool = False, record: dict | None = None) -> dict:
+  """Writes OUT/{params, model.json, subnet.json}, with `hf` OUT/hf and with `record`
+  OUT/deploy.json; returns the paths.
 
   The Hugging Face export goes first, so a subnet transformers cannot represent is refused
   (UserError from hf.save_gpt2) before any file exists at `out_dir`.
@@ -172,11 +186,11 @@ def save_deployed(out_dir: str, params_small, cfg_small: ModelConfig, info: dict
     ckpt = ocp.StandardCheckpointer()
     ckpt.save(os.path.join(tmp, PARAMS_DIR), params_small)
     ckpt.wait_until_finished()
-    _write_json(os.path.join(tmp, MODEL_FILE), cfg_small.to_dict())
-    _write_json(os.path.join(tmp, SUBNET_FILE), info)
-  paths = {"out": out_dir, "checkpoint": os.path.join(out_dir, PARAMS_DIR)}
-  paths["hf"] = os.path.join(out_dir, HF_DIR) if hf else None
-  return paths
+    files.write_json(os.path.join(tmp, MODEL_FILE), cfg_small.to_dict(), sort_keys=True)
+    files.write_json(os.path.join(tmp, SUBNET_FILE), info, sort_keys=True)
+    if record is not None:
+      files.write_json(os.path.join(tmp, RECORD_FILE), record, sort_keys=True)
+  return planned_paths(out_dir, hf)
 
 
 def _read_json(path: str) -> dict:
@@ -228,7 +242,7 @@ def _parse_kappa(text: str):
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m twist_jax.deploy", description=__doc__.split(
+  p = evaluate.OneLineParser(prog="python -m twist_jax.deploy", description=__doc__.split(
       "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--workdir", required=True, help="training run folder (config.json, checkpoints)")
   p.add_argument("--kappa", required=True, help="keep ratio in (0, 1], or one per layer: 0.5,0.25")
@@ -240,6 +254,7 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--mode", choices=config_lib.MODES, help="default: the run's subnet.mode")
   p.add_argument("--correction", choices=config_lib.CORRECTIONS,
                  help="default: the run's subnet.correction")
+  evaluate.add_json_flag(p)
   return p
 
 
@@ -293,25 +308,38 @@ def deploy_run(args) -> dict:
           "indices": indices_json(subnet), "source_workdir": os.path.abspath(args.workdir),
           "source_step": _source_step(args.workdir), "full_model": model_cfg.to_dict(),
           "data": dataclasses.asdict(cfg.data)}
-  paths = save_deployed(args.out, small, cfg_small, info, hf=args.hf)
-  return {"params_full": model_cfg.num_params(), "params_deployed": cfg_small.num_params(),
-          "param_ratio": cfg_small.num_params() / model_cfg.num_params(), "kappa": info["kappa"],
-          "mode": mode, "correction": correction, "heuristic": args.heuristic, "seed": args.seed,
-          "val_loss": nll, "val_ppl": evaluate.perplexity(nll), "full_val_loss": full_nll,
-          "full_val_ppl": evaluate.perplexity(full_nll), "val_windows": int(len(report)),
-          "protocol": data.protocol(cfg.data, model_cfg.n_positions), **paths}
+  record = {"params_full": model_cfg.num_params(), "params_deployed": cfg_small.num_params(),
+            "param_ratio": cfg_small.num_params() / model_cfg.num_params(),
+            "kappa": info["kappa"], "mode": mode, "correction": correction,
+            "heuristic": args.heuristic, "seed": args.seed, "val_loss": nll,
+            "val_ppl": evaluate.perplexity(nll), "full_val_loss": full_nll,
+            "full_val_ppl": evaluate.perplexity(full_nll), "val_windows": int(len(report)),
+            "protocol": data.protocol(cfg.data, model_cfg.n_positions),
+            **planned_paths(args.out, args.hf)}
+  save_deployed(args.out, small, cfg_small, info, hf=args.hf, record=record)
+  return record
+
+
+def summary(r: dict) -> str:
+  """Three lines for the terminal: what was kept, deployed vs full PPL, where it went."""
+  kappa = r["kappa"] if isinstance(r["kappa"], float) else ",".join(f"{k:g}" for k in r["kappa"])
+  return (f"deployed {r['mode']} kappa={kappa} ({r['heuristic']}, seed {r['seed']}): "
+          f"{r['params_deployed']:,} of {r['params_full']:,} params kept "
+          f"({r['param_ratio']:.1%})\n"
+          f"val PPL {r['val_ppl']:.2f} deployed vs {r['full_val_ppl']:.2f} full (loss "
+          f"{r['val_loss']:.4f} vs {r['full_val_loss']:.4f}) on {r['val_windows']} windows\n"
+          f"saved: {r['out']} (record: {RECORD_FILE}{', Hugging Face: hf/' if r['hf'] else ''})")
+
+
+def _main(argv) -> "evaluate.Output":
+  args = _parser().parse_args(argv)
+  record = deploy_run(args)
+  return evaluate.Output(record, summary(record), args.json)
 
 
 def main(argv=None) -> None:
-  args = _parser().parse_args(argv)
-  from absl import logging  # pylint: disable=import-outside-toplevel
-  logging.set_verbosity(logging.WARNING)  # orbax logs every file at INFO
-  try:
-    record = deploy_run(args)
-  except UserError as e:
-    print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
-    sys.exit(2)
-  print(json.dumps(record), flush=True)
+  """`python -m twist_jax.deploy`; exits with status 2 and one line on bad input."""
+  sys.exit(evaluate.run_cli(_main, argv))
 
 
 if __name__ == "__main__":

@@ -199,13 +199,13 @@ def _check_exportable(params, cfg: ModelConfig) -> None:
 
 
 def _hf_tensors(params, cfg: ModelConfig) -> dict[str, np.ndarray]:
-  """Flat HF state dict with the correction scales folded into the c_proj kernels: the scale
-  multiplies only the kernel term, so (s*W) x + b == s*(W x) + b (up to float rounding)."""
-  flat = {k: np.asarray(v, np.float32) for k, v in traverse_util.flatten_dict(params).items()}
-  for i in range(cfg.n_layer):
-    for branch, scale in (("attn", cfg.attn_scale[i]), ("mlp", cfg.mlp_scale[i])):
-      key = (f"h_{i}", branch, "c_proj", "kernel")
-      flat[key] = flat[key] * np.float32(scale)
+  """Flat HF state dict with the correction scales folded into the c_proj kernels (transformers
+  has no such scales), by the same rule as deployment."""
+  from twist_jax.deploy import fold_correction  # pylint: disable=import-outside-toplevel
+
+  params = jax.tree.map(lambda v: np.asarray(v, np.float32), params)
+  folded, _ = fold_correction(params, cfg)
+  flat = traverse_util.flatten_dict(folded)
   # lm_head.weight is omitted: transformers re-ties it to wte, as its own save_pretrained does.
   return {"transformer." + _hf_name(k): np.ascontiguousarray(v) for k, v in flat.items()}
 
