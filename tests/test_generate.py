@@ -1,23 +1,25 @@
-"""Sampling: greedy equals a hand-written argmax loop (sliding past the context), determinism
-by seed, top-k, no recompiles; the CLI on a deployed folder and on a training run; and the CPU
-inference benchmark's quick mode prints one valid JSON object."""
+"""KV-cached decoding: cached logits equal the full forward position by position (full models
+and subnets with per-layer widths and correction scales), greedy equals a hand-written argmax
+loop over the growing sequence (with the documented slide past the context), batches, seeds,
+top-k, no recompiles; the CLI on a deployed folder and on a training run; and the CPU inference
+benchmark's quick mode prints one valid JSON object."""
 
 import dataclasses
+import functools
 import importlib.util
 import json
 import os
 import subprocess
 import sys
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from twist_jax import config, deploy, generate
+from twist_jax import config, deploy, generate, model, subnets
 from twist_jax.errors import UserError
-from twist_jax.model import GPT2, ModelConfig, init_params
+from twist_jax.model import GPT2, ModelConfig
 
 from helpers import exit_code, random_params
 
@@ -30,28 +32,126 @@ def params():
   return random_params(CFG)
 
 
+# ---- cached logits == full forward -----------------------------------------------------------
+
+BIG = ModelConfig.uniform(n_layer=4, n_head=4, n_embd=32, vocab_size=128, n_positions=16)
+# Direct per-layer widths with correction scales != 1 (as a True-variant subnet trains).
+WIDE = ModelConfig(vocab_size=128, n_positions=16, n_embd=32, head_dim=8, n_head=(4, 1, 3),
+                   n_inner=(48, 128, 16), attn_scale=(1.0, 4.0, 1.3), mlp_scale=(0.7, 1.0, 8.0))
+SUBNET_MODES = {"attn": (0.25, 0.5, 0.75, 1.0), "mlp": (0.5, 0.25, 0.75, 0.125),
+                "attn_mlp": (0.5, 0.25, 1.0, 0.75), "blocks": 0.5}
+
+
+def subnet_model(mode):
+  """A True subnet of BIG: extracted, unfolded, so its scales are the 'mean' correction."""
+  spec = subnets.deploy_spec(BIG, mode, SUBNET_MODES[mode])
+  subnet = deploy.choose_subnet(random_params(BIG), BIG, spec, "random", jax.random.key(1))
+  small = subnets.extract_subnet(random_params(BIG), deploy.one_worker(subnet), spec)
+  return small, subnets.subnet_model_config(BIG, spec)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def full_logits(params, cfg, tokens_BxL):
+  return GPT2(cfg).apply({"params": params}, tokens_BxL)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def prefill(params, cfg, tokens_BxL):
+  return model.prefill(params, cfg, tokens_BxL)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def decode_logits(params, cfg, tokens_B, pos, cache):
+  hidden_BxD, cache = model.decode(params, cfg, tokens_B, pos, cache)
+  return model.lm_head(params, cfg, hidden_BxD), cache
+
+
+def cached_logits(params, cfg, tokens_BxL, n_prefill):
+  """Prefill the first n_prefill tokens (from a window padded with junk tokens), then decode the
+  rest one position at a time: logits (B, L, V) of every position."""
+  b, l = tokens_BxL.shape
+  junk_BxL = (tokens_BxL[:, ::-1] * 7 + 3) % cfg.vocab_size  # stale keys the mask must hide
+  window = jnp.where(jnp.arange(l) < n_prefill, tokens_BxL, junk_BxL)
+  hidden_BxLxD, cache = prefill(params, cfg, window)
+  out = [np.asarray(model.lm_head(params, cfg, hidden_BxLxD[:, :n_prefill]))]
+  for pos in range(n_prefill, l):
+    logits_BxV, cache = decode_logits(params, cfg, tokens_BxL[:, pos], jnp.int32(pos), cache)
+    out.append(np.asarray(logits_BxV)[:, None])
+  return np.concatenate(out, axis=1)
+
+
+@pytest.mark.parametrize("case", ["full", "wide", *SUBNET_MODES])
+def test_cached_logits_equal_full_forward(case):
+  if case in SUBNET_MODES:
+    params, cfg = subnet_model(case)
+    if case == "blocks":  # whole blocks dropped: no scale
+      assert cfg.n_layer == 2
+    else:  # unequal per-layer widths, correction scales != 1
+      assert len(set(cfg.n_head)) > 1 or len(set(cfg.n_inner)) > 1
+      assert set(cfg.attn_scale + cfg.mlp_scale) != {1.0}
+  else:
+    cfg = {"full": BIG, "wide": WIDE}[case]
+    params = random_params(cfg)
+  tokens_BxL = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (3, 16)))
+  want = np.asarray(full_logits(params, cfg, tokens_BxL))
+  for n_prefill in (1, 5):
+    got = cached_logits(params, cfg, tokens_BxL, n_prefill)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_decode_ignores_cache_entries_after_pos():
+  """A cache holding junk at positions > pos (a longer earlier prefill) decodes like a clean
+  one: the length mask, not zeros, hides them."""
+  params = random_params(BIG)
+  tokens_1xL = jnp.asarray(np.arange(16)[None] * 5 % 128)
+  _, clean = prefill(params, BIG, tokens_1xL[:, :6])
+  _, dirty = prefill(params, BIG, tokens_1xL[:, ::-1])
+  dirty = jax.tree.map(lambda c, d: d.at[:, :, :6].set(c[:, :, :6]), clean, dirty)
+  args = (tokens_1xL[:, 6], jnp.int32(6))
+  np.testing.assert_array_equal(decode_logits(params, BIG, *args, dirty)[0],
+                                decode_logits(params, BIG, *args, clean)[0])
+  assert any(bool(jnp.any(c != d)) for c, d in zip(jax.tree.leaves(clean), jax.tree.leaves(dirty)))
+
+
+# ---- generation == argmax loop over the growing sequence ---------------------------------------
+
+
 @jax.jit  # one compile per length 1..P: P is small
 def last_logits(params, tokens_1xL):
   return GPT2(CFG).apply({"params": params}, tokens_1xL)[0, -1]
 
 
-def manual_logits(params, ids):
-  """Logits for the token after `ids`, from the last P tokens at exact length (no padding)."""
-  return np.asarray(last_logits(params, jnp.asarray(ids[-CFG.n_positions:])[None]))
+def reference(params, ids, new, pick=np.argmax):
+  """Uncached: each token from a full forward of the current window, which starts at the last P
+  prompt tokens and, once it would exceed P, restarts at the last P/2 tokens."""
+  ids, p = list(ids), CFG.n_positions
+  start = max(0, len(ids) - p)
+  for _ in range(new):
+    if len(ids) - start > p:
+      start = len(ids) - p // 2
+    ids.append(int(pick(np.asarray(last_logits(params, jnp.asarray(ids[start:])[None])))))
+  return ids
 
 
 def prompt(n, seed=0):
   return np.random.default_rng(seed).integers(0, 256, n)
 
 
-@pytest.mark.parametrize("n_prompt", [1, 5, 20])  # 20 > P = 8: starts already sliding
-def test_greedy_equals_manual_argmax_loop(params, n_prompt):
-  ids = list(prompt(n_prompt))
-  for _ in range(12):  # 5 + 12 > 8: the window slides mid-way
-    ids.append(int(np.argmax(manual_logits(params, ids))))
-  out = generate.sample(params, CFG, prompt(n_prompt), jax.random.key(0), 12, temperature=0)
-  assert out.dtype == np.int32 and out.shape == (n_prompt + 12,)
-  np.testing.assert_array_equal(out, ids)
+@pytest.mark.parametrize("n_prompt", [1, 5, 8, 20])  # 8 = P: full at once; 20 > P
+def test_greedy_equals_uncached_argmax_loop(params, n_prompt):
+  out = generate.sample(params, CFG, prompt(n_prompt), jax.random.key(0), 13, temperature=0)
+  assert out.dtype == np.int32 and out.shape == (n_prompt + 13,)
+  np.testing.assert_array_equal(out, reference(params, prompt(n_prompt), 13))  # slides twice+
+
+
+def test_batch_rows_equal_single_prompts(params):
+  prompts_BxL = np.stack([prompt(5, s) for s in range(3)])
+  out = generate.sample(params, CFG, prompts_BxL, jax.random.key(0), 11, temperature=0)
+  assert out.shape == (3, 16)
+  for row, p in zip(out, prompts_BxL):
+    np.testing.assert_array_equal(row, reference(params, p, 11))
+  drawn = generate.sample(params, CFG, np.stack([prompt(5)] * 2), jax.random.key(0), 20, 1.0)
+  assert not np.array_equal(drawn[0], drawn[1])  # one key per row
 
 
 def test_deterministic_by_seed(params):
@@ -63,21 +163,30 @@ def test_deterministic_by_seed(params):
 
 def test_top_k_restricts_and_top_1_is_greedy(params):
   out = generate.sample(params, CFG, prompt(3), jax.random.key(0), 24, temperature=3.0, top_k=3)
-  for t in range(3, len(out)):
-    top3 = np.argsort(-manual_logits(params, list(out[:t])))[:3]
-    assert out[t] in top3
+  ids, seen = list(prompt(3)), []
+
+  def record_top3(logits_V):
+    seen.append(np.argsort(-logits_V)[:3])
+    return out[len(ids) + len(seen) - 1]  # follow the sampled sequence
+
+  reference(params, ids, 24, record_top3)
+  assert all(tok in top3 for tok, top3 in zip(out[3:], seen)) and len(seen) == 24
   greedy = generate.sample(params, CFG, prompt(3), jax.random.key(0), 24, temperature=0)
   top1 = generate.sample(params, CFG, prompt(3), jax.random.key(5), 24, temperature=2.0, top_k=1)
   np.testing.assert_array_equal(top1, greedy)
   assert not np.array_equal(out, greedy)
 
 
-def test_no_recompile_across_prompts_lengths_and_settings(params):
+def test_one_decode_compile_across_prompts_lengths_and_settings(params):
   generate.sample(params, CFG, prompt(3), jax.random.key(0), 2, temperature=0.5, top_k=5)
-  size = generate.decode_step._cache_size()
-  for n, new, temp in ((1, 3, 0.0), (6, 10, 1.3), (30, 4, 0.7)):
-    generate.sample(params, CFG, prompt(n), jax.random.key(n), new, temperature=temp, top_k=5)
-  assert generate.decode_step._cache_size() == size
+  decode_size = generate.decode_loop._cache_size()
+  for n, new, temp in ((4, 3, 0.0), (3, 10, 1.3), (30, 9, 0.7)):
+    stats = {}
+    generate.sample(params, CFG, prompt(n), jax.random.key(n), new, temp, 5, stats)
+    assert stats["new_tokens"] == new and stats["decode"] + stats["prefill"] == new
+  assert generate.decode_loop._cache_size() == decode_size
+  # Prefill compiles once per bucket (powers of two up to P): 3 and 4 share the 4-bucket.
+  assert [generate.bucket(n, 8) for n in (1, 2, 3, 4, 5, 8, 9)] == [1, 2, 4, 4, 8, 8, 8]
 
 
 def test_zero_new_tokens_and_errors(params):
@@ -117,6 +226,7 @@ def test_cli_on_deployed_folder_is_greedy_and_deterministic(params, deployed, ca
   args = ("--checkpoint", deployed, "--prompt", "def f", "--max-new-tokens", 12)
   code, out, err = run_cli(capsys, *args, "--temperature", 0)
   assert code == 0, err
+  assert "12 tokens in" in err and "tokens/s" in err
   ids = generate.sample(params, CFG, tokenizer.encode("def f"), jax.random.key(0), 12, 0)
   new = ids[5:]
   new = new[:np.flatnonzero(new == tokenizer.eot)[0]] if (new == tokenizer.eot).any() else new
