@@ -7,7 +7,7 @@ import socket
 import subprocess
 import sys
 
-import numpy as np
+import chex
 import pytest
 
 from twist_jax import config as config_lib, train
@@ -57,7 +57,5 @@ def test_two_processes_equal_one_process_with_eight_devices(tmp_path, variant):
   assert "on 8 device(s), 2 process(es)" in outs[0][0]
   single, multi = training_lines(tmp_path / "single"), training_lines(workdir)
   assert [r["step"] for r in multi] == [r["step"] for r in single]
-  for a, b in zip(single, multi):
-    for k in a:
-      np.testing.assert_allclose(a[k], b[k], rtol=2e-5, atol=2e-5, err_msg=k)
+  chex.assert_trees_all_close(multi, single, rtol=2e-5, atol=2e-5)
   assert sorted(os.listdir(workdir / "checkpoints")) == ["10", "20"]

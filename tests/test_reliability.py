@@ -9,8 +9,8 @@ import subprocess
 import sys
 import time
 
+import chex
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from twist_jax import config as config_lib, train
@@ -165,6 +165,23 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     train.train(config(steps=40), str(tmp_path))
 
 
+def test_workdir_of_the_old_data_pipeline_is_refused(tmp_path):
+  """A checkpoint whose data position was written before the grain pipeline (state version 1,
+  another window order) cannot continue: exit 2 with one line saying to start a new workdir."""
+  train.train(config(steps=20), str(tmp_path))
+  for step in os.listdir(tmp_path / "checkpoints"):
+    path = tmp_path / "checkpoints" / step / "meta" / "metadata"
+    meta = json.loads(path.read_text())
+    settings = {k: v for k, v in meta["data"].items() if k not in ("version", "grain")}
+    meta["data"] = {**settings, "version": 1, "epoch": 0, "step": int(step)}
+    path.write_text(json.dumps(meta))
+  proc = launch(tmp_path, "true")
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 2, err[-2000:]
+  assert "older data pipeline" in err and "new --workdir" in err
+  assert len([ln for ln in err.splitlines() if "older data pipeline" in ln]) == 1
+
+
 def test_same_run_on_1_2_and_4_devices(tmp_path):
   runs = {}
   for devices in (1, 2, 4):
@@ -172,10 +189,7 @@ def test_same_run_on_1_2_and_4_devices(tmp_path):
     train.train(config(steps=20, **{"twist.devices": devices}), str(wd))
     runs[devices] = training_lines(wd)
   for devices in (2, 4):
-    for a, b in zip(runs[1], runs[devices]):
-      assert a.keys() == b.keys()
-      for k in a:
-        np.testing.assert_allclose(a[k], b[k], rtol=2e-5, atol=2e-5, err_msg=k)
+    chex.assert_trees_all_close(runs[devices], runs[1], rtol=2e-5, atol=2e-5)
 
 
 def test_keeps_last_k_plus_best(tmp_path):

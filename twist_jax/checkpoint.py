@@ -1,6 +1,10 @@
 """Orbax checkpoints of a run: train state (params, optimizer, outer optimizer) plus a JSON
 `meta` item (step, round, data iterator position, model config), in WORKDIR/checkpoints.
 
+The data position is the grain iterator's state (`data.TrainIterator.get_state`, versioned).
+It lives in `meta`, not in grain's own orbax item, because every process holds the same
+global position: one copy, with no per-process files.
+
 Orbax writes each step into a temporary folder and renames it when complete, so a crash at any
 point leaves the previous checkpoints usable.
 """
