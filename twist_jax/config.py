@@ -85,6 +85,10 @@ def default_config() -> ml_collections.ConfigDict:
   e.every = 150  # steps between validations (at the end of the round that crosses it)
   e.max_windows = 256  # validation windows (of context + 1 tokens); 0 = all
   e.batch_size = 32
+  # After training: the final model vs random subnets of subnet.mode at these ratios, on the
+  # val_loss windows (WORKDIR/golden_tickets.{md,json,png}); 0 samples per ratio = skip it.
+  e.golden_kappas = (0.25, 0.5, 0.75)
+  e.golden_samples = 16
 
   c.ckpt = k = ml_collections.ConfigDict()
   k.every = 300  # steps between checkpoints (and one at the end)
@@ -159,6 +163,8 @@ class EvalConfig:
   every: int
   max_windows: int
   batch_size: int
+  golden_kappas: tuple[float, ...] = (0.25, 0.5, 0.75)  # defaults: older config.json files load
+  golden_samples: int = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,6 +254,17 @@ def _kappas(value, n_layer) -> tuple[float, ...]:
   return tuple(float(k) for k in kappas)
 
 
+def _ratios(field, value) -> tuple[float, ...]:
+  """A non-empty tuple of ratios in (0, 1] (one number is a tuple of one)."""
+  values = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+  if not values:
+    raise ConfigError(field, "got (); give at least one ratio in (0, 1]")
+  for k in values:
+    if not isinstance(k, (int, float)) or isinstance(k, bool) or not 0 < k <= 1:
+      raise ConfigError(field, f"got {k!r}; each ratio must be in (0, 1]")
+  return tuple(float(k) for k in values)
+
+
 def _section(cls, d: ml_collections.ConfigDict, name: str):
   fields = {f.name for f in dataclasses.fields(cls)}
   unknown = sorted(set(d.keys()) - fields)
@@ -310,6 +327,8 @@ def from_configdict(c: ml_collections.ConfigDict) -> Config:
   _int("eval.every", e.every)
   _int("eval.max_windows", e.max_windows, allow_zero=True)
   _int("eval.batch_size", e.batch_size)
+  _int("eval.golden_samples", e.golden_samples, allow_zero=True)
+  e = dataclasses.replace(e, golden_kappas=_ratios("eval.golden_kappas", e.golden_kappas))
   k = _section(CkptConfig, c.ckpt, "ckpt")
   _int("ckpt.every", k.every)
   _int("ckpt.keep", k.keep)
