@@ -372,6 +372,9 @@ def test_iterator_is_deterministic_in_seed():
   first = [next(a) for _ in range(10)]
   chex.assert_trees_all_equal(first, [next(b) for _ in range(10)])
   assert not np.array_equal(first[0], next(c))
+  negative = next(_iterator(-1))  # any int is a seed, and -1 is not 1
+  _window_ids(negative)
+  assert not np.array_equal(negative, first[0]) and not np.array_equal(negative, next(_iterator(1)))
 
 
 def test_each_epoch_deals_distinct_windows_and_reshuffles():

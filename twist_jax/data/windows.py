@@ -42,8 +42,8 @@ def validation_windows(tokens: np.ndarray, context: int, max_windows: int | None
 
 def _shuffle_seed(seed: int) -> int:
   """grain reshuffles epoch e with seed + e; hashing the run seed first keeps run s's epoch 1
-  from being run s+1's epoch 0."""
-  return int(np.random.SeedSequence(seed).generate_state(1)[0])
+  from being run s+1's epoch 0. Any int is a seed (SeedSequence takes only non-negative ones)."""
+  return int(np.random.SeedSequence(seed % 2**64).generate_state(1)[0])
 
 
 def _step_batch(tokens: np.ndarray, shape: tuple, context: int, index: np.ndarray) -> np.ndarray:
