@@ -101,8 +101,9 @@ def summary_table(report: dict) -> str:
     for k, d in run["kappas"].items():
       rows.append([label, k, f"{d['params']:,}", f"{d['mean']:.4f} ± {d['std']:.4f}",
                    f"{d['max']:.4f}", f"{d['ppl_mean']:.2f}", f"{perplexity(d['max']):.2f}"])
+  # The protocol (one long line) is in the .json / .md files; the terminal gets the counts.
   head = (f"golden tickets: {report['samples']} random '{report['mode']}' subnets per kappa on "
-          f"{report['windows']} validation windows ({report['protocol']})")
+          f"{report['windows']} validation windows (loss: mean token NLL, nats)")
   return "\n".join([head] + _table(
       ["run", "kappa", "params", "loss mean ± std", "worst", "PPL(mean)", "PPL(worst)"], rows))
 
@@ -156,6 +157,23 @@ def heatmap_table(grid: dict) -> str:
 
 
 # ---- the training job's last step ---------------------------------------------------------------
+
+
+def check_golden(cfg) -> None:
+  """Before training: every eval.golden_kappas ratio cuts a valid subnet of subnet.mode, so the
+  job does not fail at its very end (ConfigError naming the field)."""
+  from twist_jax.errors import ConfigError
+  from twist_jax.subnets import deploy_spec
+
+  if cfg.eval.golden_samples == 0:
+    return
+  model, s = cfg.model.model_config(256), cfg.subnet  # the vocabulary does not matter here
+  for k in cfg.eval.golden_kappas:
+    try:
+      deploy_spec(model, s.mode, k, s.shared_layers, s.correction)
+    except ConfigError as e:
+      raise ConfigError("eval.golden_kappas", f"{k:g} in {s.mode} mode: "
+                        f"{str(e).split(': ', 1)[-1]}") from None
 
 
 def after_training(workdir: str, cfg, *, progress: bool = True) -> str | None:
