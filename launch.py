@@ -105,7 +105,7 @@ def _parse(argv):
     # A config file that raised: keep the flag and the final exception line, not the traceback.
     head, _, rest = str(e).partition("Traceback (most recent call last):")
     _fail(head + rest.strip().splitlines()[-1] if rest else head)
-  except (AttributeError, KeyError) as e:  # ml_collections: an override of a field that is not there
+  except (AttributeError, KeyError) as e:  # ml_collections: an override of an unknown field
     if "get_config" in str(e):
       _fail(f"--config {spec}: the file defines no get_config(arg=None)")
     bad = [a.split("=")[0] for a in argv if a.startswith("--config.")]

@@ -25,7 +25,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import ml_collections  # noqa: E402
 
-from twist_jax import config as config_lib, evaluate, subnets, train  # noqa: E402
+from twist_jax import config as config_lib, evaluate, files, subnets, train  # noqa: E402
 from twist_jax.baselines import __main__ as baselines_cli  # noqa: E402
 from twist_jax.model import flops_per_token  # noqa: E402
 
@@ -109,9 +109,10 @@ def _baselines(workdir: str, s: dict) -> list[dict]:
   for sparsity in SPARSITIES:
     for method in UNSTRUCTURED + STRUCTURED:
       print(f"[comparison] baseline {method} at sparsity {sparsity}", flush=True)
-      rows.append(baselines_cli._main(["--workdir", workdir, "--method", method,
-                                       "--sparsity", str(sparsity), "--calib-windows", "64",
-                                       "--max-windows", str(s["max_windows"])]))
+      out = baselines_cli._main(["--workdir", workdir, "--method", method,
+                                 "--sparsity", str(sparsity), "--calib-windows", "64",
+                                 "--max-windows", str(s["max_windows"])])
+      rows.append(out.record)
   return rows
 
 
@@ -142,10 +143,9 @@ def run(out: str, quick: bool = False) -> dict:
   vocab = 256
   result["budgets"] = {k: dict(zip(("tokens", "flops"), _budget(v, vocab)))
                        for k, v in runs.items()}
-  with open(os.path.join(out, "comparison.json"), "w") as f:
-    json.dump(result, f, indent=1, default=str)
-  with open(os.path.join(out, "comparison.md"), "w") as f:
-    f.write(markdown(result))
+  files.write_text(os.path.join(out, "comparison.json"),
+                   json.dumps(result, indent=1, default=str) + "\n")
+  files.write_text(os.path.join(out, "comparison.md"), markdown(result))
   plot(result, os.path.join(out, "comparison.png"))
   return result
 
@@ -238,8 +238,7 @@ def plot(r: dict, path: str) -> None:
   ax.set_title("Zero-cost TwIST subnets vs post-training pruning")
   ax.legend(fontsize=7, ncol=2)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  evaluate.plots.save_png(fig, path)
 
 
 def main(argv=None) -> int:

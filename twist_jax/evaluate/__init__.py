@@ -16,16 +16,14 @@ from twist_jax.evaluate.metrics import (_subnets_nll_sums, distribution, kappa_k
                                         ratio_losses, subnet_losses)
 from twist_jax.evaluate.plots import plot_heatmap, plot_report
 from twist_jax.evaluate.report import (REPORT_NAME, after_training, check_golden,
-                                       golden_ticket_report,
-                                       heatmap, report_markdown, report_paths, summary_table,
-                                       write_report)
+                                       golden_ticket_report, heatmap, report_markdown,
+                                       report_paths, summary_table, write_report)
 from twist_jax.evaluate.runs import check_run
 from twist_jax.subnets import deploy_spec
 
-_kappa_key = kappa_key  # older name, used by tests and notebooks
-
 __all__ = ["OneLineParser", "Output", "REPORT_NAME", "_subnets_nll_sums", "add_json_flag",
-           "after_training", "check_golden", "check_run", "deploy_spec", "distribution", "golden_ticket_report",
-           "heatmap", "kappa_key", "keeps_everything", "main", "mean_nll", "perplexity",
-           "plot_heatmap", "plot_report", "random_subnets", "ratio_losses", "report_markdown",
-           "report_paths", "run_cli", "subnet_losses", "summary_table", "write_report"]
+           "after_training", "check_golden", "check_run", "deploy_spec", "distribution",
+           "golden_ticket_report", "heatmap", "kappa_key", "keeps_everything", "main", "mean_nll",
+           "perplexity", "plot_heatmap", "plot_report", "random_subnets", "ratio_losses",
+           "report_markdown", "report_paths", "run_cli", "subnet_losses", "summary_table",
+           "write_report"]
