@@ -1,16 +1,19 @@
 """CPU inference of a full GPT-2, its extracted attn_mlp kappa = 0.5 subnet (a smaller dense
-GPT-2) and a 50% unstructured-sparse model stored dense; prints ONE JSON object.
+GPT-2) and a 50% unstructured-sparse model stored dense, plus KV-cached decoding against
+transformers' GPT2LMHeadModel on the same weights; prints ONE JSON object.
 
-  python bench/cpu_inference.py [--sizes 124m,xl] [--quick]     # ~4-5 min on 2 cores
+  python bench/cpu_inference.py [--sizes 124m,xl] [--quick]     # ~15-20 min on 2 cores
 
 Random weights (speed does not depend on training). Per model, batch 1, median of `repeats`
 timed calls after a warm-up call (which also compiles); the models being compared take turns
 within each repeat, so background load hits them alike:
   prefill:  one forward of the prompt (logits at every position, as GPT-2's forward computes).
-  generate: one step of twist_jax.generate (greedy) with a full window of `gen_window` tokens.
-            There is no KV cache: each new token recomputes the whole window.
-  decode1:  a forward of ONE position: the weight-bound per-token cost a KV-cached decoder would
-            pay (attention over the cache not included).
+  decode1:  a forward of ONE position without a cache (weight-bound, no attention context).
+  decode:   KV-cached generation as twist_jax.generate runs it: prefill a `decode_prompt`-token
+            prompt once (prefill_step), then `decode_new` greedy tokens in one jitted loop over a
+            fixed cache of P = 1024 positions (decode_loop); decode_tokens_per_s counts the loop
+            only. At 124M the same weights also run in transformers' GPT2LMHeadModel (torch,
+            use_cache with past_key_values, a greedy loop), when torch and transformers import.
 Forward FLOPs allow about 1.5x (124M) and 1.9x (XL) for the subnet: embeddings and the LM head
 are shared. The sparse model has the full model's shapes and dense kernels: it shows what
 unstructured sparsity buys on dense CPU kernels (expected: nothing) with half its block weights
@@ -31,21 +34,22 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from twist_jax import deploy, generate  # noqa: E402
+from twist_jax import deploy, generate, hf  # noqa: E402
 from twist_jax.model import GPT2, ModelConfig, flops_per_token, init_params  # noqa: E402
 
-# GPT-2 shapes; XL keeps a short prompt so the whole run stays within minutes on 2 cores.
+# GPT-2 shapes; XL keeps a short prompt and decodes 64 (not 128) tokens after its 512-token
+# prompt, so the whole run stays within minutes on 2 cores (all 48 layers are kept).
 SIZES = {
-    "124m": dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, prompt=512,
-                 gen_window=128, repeats=5),
-    "xl": dict(n_layer=48, n_head=25, n_embd=1600, vocab_size=50257, prompt=64,
-               gen_window=32, repeats=3),
+    "124m": dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, prompt=512, repeats=5,
+                 decode_prompt=512, decode_new=128, decode_repeats=3, transformers=True),
+    "xl": dict(n_layer=48, n_head=25, n_embd=1600, vocab_size=50257, prompt=64, repeats=3,
+               decode_prompt=512, decode_new=64, decode_repeats=2, transformers=False),
 }
 QUICK = {  # same code path, tiny shapes: a CPU test in seconds
-    "124m": dict(n_layer=2, n_head=4, n_embd=64, vocab_size=256, prompt=32, gen_window=16,
-                 repeats=2),
-    "xl": dict(n_layer=3, n_head=5, n_embd=80, vocab_size=256, prompt=24, gen_window=8,
-               repeats=2),
+    "124m": dict(n_layer=2, n_head=4, n_embd=64, vocab_size=256, prompt=32, repeats=2,
+                 decode_prompt=24, decode_new=8, decode_repeats=2, transformers=True),
+    "xl": dict(n_layer=3, n_head=5, n_embd=80, vocab_size=256, prompt=24, repeats=2,
+               decode_prompt=16, decode_new=8, decode_repeats=2, transformers=False),
 }
 N_POSITIONS = 1024
 KAPPA, MODE, SPARSITY = 0.5, "attn_mlp", 0.5
@@ -93,7 +97,7 @@ def block_zero_fraction(params, cfg: ModelConfig) -> float:
   return zeros / total
 
 
-METRICS = ("prefill", "generate", "decode1")
+METRICS = ("prefill", "decode1")
 
 
 @functools.partial(jax.jit, static_argnums=(1,))
@@ -101,18 +105,14 @@ def forward(params, cfg: ModelConfig, tokens_1xL):
   return GPT2(cfg).apply({"params": params}, tokens_1xL)
 
 
-def calls(params, cfg: ModelConfig, prompt: int, gen_window: int) -> dict:
+def prompt_ids(cfg: ModelConfig, length: int) -> np.ndarray:
+  return np.random.default_rng(1).integers(0, cfg.vocab_size, (1, length)).astype(np.int32)
+
+
+def calls(params, cfg: ModelConfig, prompt: int) -> dict:
   """{metric: zero-argument call} of one model (see the module docstring)."""
-  rng = np.random.default_rng(1)
-  prompt_1xL = jnp.asarray(rng.integers(0, cfg.vocab_size, (1, prompt)), jnp.int32)
-  # generate: the model with a gen_window context and its window full (the steady state).
-  cfg_w = cfg.replace(n_positions=gen_window)
-  params_w = dict(params, wpe={"embedding": params["wpe"]["embedding"][:gen_window]})
-  window_1xW, n = prompt_1xL[:, :gen_window], jnp.int32(gen_window)
-  key, greedy = jax.random.key(0), jnp.float32(0)
+  prompt_1xL = jnp.asarray(prompt_ids(cfg, prompt))
   return {"prefill": lambda: forward(params, cfg, prompt_1xL),
-          "generate": lambda: generate.decode_step(params_w, cfg_w, window_1xW, n, key, 0,
-                                                   greedy, 0),
           "decode1": lambda: forward(params, cfg, prompt_1xL[:, :1])}
 
 
@@ -120,8 +120,7 @@ def median_times(models: dict, shape: dict) -> dict:
   """{model: {metric: median seconds}} over shape['repeats'] timed calls after one warm-up
   (compiling) call. The models take turns within each repeat, so a change of background load
   hits all of them alike and their ratios stay fair."""
-  fns = {name: calls(p, c, shape["prompt"], shape["gen_window"]) for name, (p, c) in
-         models.items()}
+  fns = {name: calls(p, c, shape["prompt"]) for name, (p, c) in models.items()}
   for per_model in fns.values():
     for fn in per_model.values():
       jax.block_until_ready(fn())
@@ -139,7 +138,6 @@ def summary(params, cfg: ModelConfig, secs: dict, prompt: int) -> dict:
   return {"params": cfg.num_params(), "param_bytes": param_bytes(params),
           "fwd_flops_per_token": flops_per_token(cfg, prompt) / 3,
           "prefill_s": secs["prefill"], "prefill_tokens_per_s": prompt / secs["prefill"],
-          "generate_step_s": secs["generate"], "generate_tokens_per_s": 1 / secs["generate"],
           "decode1_s": secs["decode1"], "decode1_tokens_per_s": 1 / secs["decode1"]}
 
 
@@ -148,6 +146,111 @@ def ratios(model: dict, full: dict) -> dict:
   speed = {m: model[f"{m}_tokens_per_s"] / full[f"{m}_tokens_per_s"] for m in METRICS}
   return {**speed, "fwd_flops": full["fwd_flops_per_token"] / model["fwd_flops_per_token"],
           "param_bytes": model["param_bytes"] / full["param_bytes"]}
+
+
+# ---- KV-cached decode ----------------------------------------------------------------------------
+
+
+def jax_decoder(params, cfg: ModelConfig, prompt_1xL: np.ndarray):
+  """(prefill, decode) of twist_jax.generate, greedy: prefill() -> state after the prompt;
+  decode(state, steps) -> the next `steps` tokens (1, steps) from one jitted loop."""
+  n = prompt_1xL.shape[1]
+  window_1xT = jnp.asarray(np.pad(prompt_1xL, ((0, 0), (0, generate.bucket(n, N_POSITIONS) - n))))
+  key, greedy = jax.random.key(0), jnp.float32(0)
+
+  def prefill():
+    return jax.block_until_ready(generate.prefill_step(params, cfg, window_1xT, jnp.int32(n),
+                                                       key, 0, 0, greedy))
+
+  def decode(state, steps: int):
+    token_1, cache = state
+    out_1xP, _ = generate.decode_loop(params, cfg, cache, token_1, jnp.int32(n),
+                                      jnp.int32(steps), key, 0, 0, greedy)
+    return np.asarray(out_1xP)[:, :steps]
+
+  return prefill, decode
+
+
+def hf_decoder(params, cfg: ModelConfig, prompt_1xL: np.ndarray):
+  """The same (prefill, decode) pair on transformers' GPT2LMHeadModel holding the same weights
+  (twist_jax.hf's export tensors), with its own KV cache (past_key_values)."""
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+  model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**hf._hf_config(cfg))).eval()
+  tensors = {k: torch.from_numpy(v) for k, v in hf._hf_tensors(params, cfg).items()}
+  missing, unexpected = model.load_state_dict(tensors, strict=False)
+  assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+  assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()  # tied
+  ids_1xL = torch.from_numpy(prompt_1xL.astype(np.int64))
+
+  @torch.inference_mode()
+  def prefill():
+    out = model(input_ids=ids_1xL, use_cache=True, logits_to_keep=1)  # last position only
+    return out.logits[:, -1].argmax(-1, keepdim=True), out.past_key_values
+
+  @torch.inference_mode()
+  def decode(state, steps: int):
+    token_1x1, past, new = *state, []
+    for _ in range(steps):
+      out = model(input_ids=token_1x1, past_key_values=past, use_cache=True)
+      past, token_1x1 = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+      new.append(token_1x1)
+    return torch.cat(new, dim=1).numpy()
+
+  return prefill, decode, f"transformers {transformers.__version__}, torch {torch.__version__}"
+
+
+def decode_times(decoders: dict, new: int, repeats: int) -> tuple[dict, dict]:
+  """{model: {'prefill': s, 'decode': s}} medians over `repeats` (models take turns), after a
+  warm-up that compiles (the decode loop's length is traced: 1 step compiles it), and each
+  model's greedy tokens of the last repeat."""
+  for prefill, decode in decoders.values():
+    decode(prefill(), 1)
+  times = {name: {"prefill": [], "decode": []} for name in decoders}
+  tokens = {}
+  for _ in range(repeats):
+    for name, (prefill, decode) in decoders.items():
+      t0 = time.perf_counter()
+      state = prefill()
+      t1 = time.perf_counter()
+      tokens[name] = decode(state, new)
+      times[name]["prefill"].append(t1 - t0)
+      times[name]["decode"].append(time.perf_counter() - t1)
+  return {n: {k: float(np.median(v)) for k, v in t.items()} for n, t in times.items()}, tokens
+
+
+def agreement(a: np.ndarray, b: np.ndarray) -> int:
+  """Greedy tokens two implementations share before their first difference (random weights make
+  near-ties, where float rounding may pick the other token)."""
+  diff = np.flatnonzero(a.ravel() != b.ravel())
+  return int(diff[0]) if diff.size else int(a.size)
+
+
+def bench_decode(models: dict, shape: dict) -> dict:
+  """KV-cached decode of the twist_jax `models` and, where asked and importable, of
+  transformers on the full model's weights."""
+  prompt_1xL, new = prompt_ids(models["full"][1], shape["decode_prompt"]), shape["decode_new"]
+  decoders = {name: jax_decoder(p, c, prompt_1xL) for name, (p, c) in models.items()}
+  hf_note = "not measured at this size"
+  if shape["transformers"]:
+    try:
+      *decoders["transformers"], hf_note = hf_decoder(*models["full"], prompt_1xL)
+    except ImportError as e:
+      hf_note = f"not installed ({e}): pip install torch transformers"
+  secs, tokens = decode_times(decoders, new, shape["decode_repeats"])
+  rows = {name: {"prefill_s": t["prefill"], "decode_s": t["decode"],
+                 "decode_tokens_per_s": new / t["decode"],
+                 "generate_tokens_per_s": new / (t["prefill"] + t["decode"])}
+          for name, t in secs.items()}
+  tps = {name: r["decode_tokens_per_s"] for name, r in rows.items()}
+  out = {"prompt_len": shape["decode_prompt"], "new_tokens": new, "n_positions": N_POSITIONS,
+         "repeats": shape["decode_repeats"], "models": rows, "transformers": hf_note,
+         "speedup": {"subnet_vs_full": tps["subnet"] / tps["full"]}}
+  if "transformers" in rows:
+    out["speedup"]["twist_jax_full_vs_transformers"] = tps["full"] / tps["transformers"]
+    out["greedy_tokens_agree_before_first_difference"] = agreement(tokens["full"],
+                                                                   tokens["transformers"])
+  return out
 
 
 def bench_size(shape: dict) -> dict:
@@ -165,6 +268,7 @@ def bench_size(shape: dict) -> dict:
   models = {"full": summary(full, cfg, secs["full"], shape["prompt"]),
             "subnet": summary(small, cfg_small, secs["subnet"], shape["prompt"])}
   models["subnet"].update(n_head=cfg_small.n_head[0], n_inner=cfg_small.n_inner[0])
+  decode = bench_decode({"full": (full, cfg), "subnet": (small, cfg_small)}, shape)
   del small
   sparse = random_params(cfg, sparsity=SPARSITY)  # the same draws as `full`, pruned
   secs = median_times({"full": (full, cfg), "sparse50": (sparse, cfg)}, shape)
@@ -173,7 +277,7 @@ def bench_size(shape: dict) -> dict:
   models["sparse50"]["block_kernel_zero_fraction"] = block_zero_fraction(sparse, cfg)
   return {"shape": {k: shape[k] for k in ("n_layer", "n_head", "n_embd", "vocab_size")},
           "n_inner": cfg.n_inner[0], "prompt_len": shape["prompt"],
-          "gen_window": shape["gen_window"], "repeats": shape["repeats"], "models": models,
+          "repeats": shape["repeats"], "models": models, "decode": decode,
           "speedup": {"subnet_vs_full": ratios(models["subnet"], models["full"]),
                       "sparse_vs_full": ratios(models["sparse50"],
                                                models["full_sparse_phase"])},
@@ -181,9 +285,10 @@ def bench_size(shape: dict) -> dict:
 
 
 def _notes(sizes, table) -> str:
-  lengths = "; ".join(f"{s}: prompt {table[s]['prompt']}, generation window "
-                      f"{table[s]['gen_window']}" for s in sizes)
-  short = " (xl: short, so the run fits in minutes on 2 cores)" if "xl" in sizes else ""
+  lengths = "; ".join(f"{s}: prompt {table[s]['prompt']}, decode {table[s]['decode_new']} "
+                      f"tokens after {table[s]['decode_prompt']}" for s in sizes)
+  short = (" (xl: short prompt and 64 decoded tokens, so the run fits in minutes on 2 cores; "
+           "all 48 layers)" if "xl" in sizes else "")
   return f"{lengths}{short}; forward FLOPs count the LM head at every position"
 
 
@@ -204,8 +309,9 @@ def main(argv=None) -> None:
       "cpu_count": os.cpu_count(), "jax": jax.__version__, "dtype": "float32", "batch": 1,
       "subnet": f"{MODE} kappa={KAPPA} (random draw, correction folded), dense",
       "sparse": f"{SPARSITY:.0%} of each block kernel zeroed by magnitude, stored dense",
-      "generate": "KV-less: each token recomputes a full gen_window-token window "
-                  "(twist_jax.generate.decode_step); decode1 = one-position forward",
+      "decode": "KV-cached greedy decoding (twist_jax.generate prefill_step + decode_loop; "
+                "transformers: past_key_values loop); decode1 = one-position forward, no cache",
+      "command": " ".join(["python", "bench/cpu_inference.py"] + list(argv or sys.argv[1:])),
       "timing": "median of `repeats` calls after one warm-up (compile) call; models take "
                 "turns within each repeat; sparse_vs_full uses the full model's timings of "
                 "the same phase (models.full_sparse_phase)",

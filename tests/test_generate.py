@@ -292,5 +292,15 @@ def test_bench_cpu_inference_quick_prints_json():
     assert models["sparse50"]["param_bytes"] == models["full"]["param_bytes"]
     assert models["sparse50"]["block_kernel_zero_fraction"] == pytest.approx(0.5, abs=0.01)
     for m in models.values():
-      assert m["prefill_tokens_per_s"] > 0 and m["generate_tokens_per_s"] > 0
+      assert m["prefill_tokens_per_s"] > 0 and m["decode1_tokens_per_s"] > 0
     assert size["speedup"]["subnet_vs_full"]["fwd_flops"] > 1
+    decode = size["decode"]
+    assert decode["speedup"]["subnet_vs_full"] > 0 and decode["new_tokens"] == 8
+    assert all(m["decode_tokens_per_s"] > 0 for m in decode["models"].values())
+  decode = rec["sizes"]["124m"]["decode"]
+  if importlib.util.find_spec("transformers") and importlib.util.find_spec("torch"):
+    assert decode["speedup"]["twist_jax_full_vs_transformers"] > 0
+    # The same weights and greedy decoding: transformers picks the same tokens.
+    assert decode["greedy_tokens_agree_before_first_difference"] == 8
+  else:
+    assert decode["transformers"].startswith("not installed")

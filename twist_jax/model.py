@@ -364,20 +364,32 @@ def prefill(params, cfg: ModelConfig, tokens_BxT):
 
 
 def _attend_cache(q_Bx1xHxK, k_Bx1xHxK, v_Bx1xHxK, layer_cache, pos):
-  """Writes the new key/value at `pos`, then attends over the whole fixed cache with positions
-  after `pos` masked (stale or zero entries there never count)."""
-  kc_BxHxPxK, vc_BxHxPxK = (
-      jax.lax.dynamic_update_slice(c, jnp.swapaxes(x, 1, 2).astype(c.dtype), (0, 0, pos, 0))
-      for c, x in zip(layer_cache, (k_Bx1xHxK, v_Bx1xHxK)))
-  k = q_Bx1xHxK.shape[-1]
+  """Attention of one position over cached positions 0..pos-1 plus itself; returns the cache
+  with its key/value written at `pos`. The scores read the cache as it was (entries at pos and
+  after masked, stale or zero) and take the new key separately: a read of the freshly updated
+  cache would make XLA copy the whole cache every step instead of updating it in place."""
+  kc_BxHxPxK, vc_BxHxPxK = layer_cache
+  q_BxHxK, kn_BxHxK, vn_BxHxK = (x[:, 0] for x in (q_Bx1xHxK, k_Bx1xHxK, v_Bx1xHxK))
+  scale = jnp.sqrt(jnp.float32(q_BxHxK.shape[-1]))
   # As jax.nn.dot_product_attention: float32 scores and softmax, values in the compute dtype.
-  s_BxHxP = jnp.einsum("bhk,bhpk->bhp", q_Bx1xHxK[:, 0], kc_BxHxPxK,
-                       preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(k))
-  seen_P = jnp.arange(kc_BxHxPxK.shape[2]) <= pos
-  s_BxHxP = jnp.where(seen_P, s_BxHxP, jnp.finfo(jnp.float32).min)
-  w_BxHxP = jax.nn.softmax(s_BxHxP, axis=-1).astype(vc_BxHxPxK.dtype)
-  out_BxHxK = jnp.einsum("bhp,bhpk->bhk", w_BxHxP, vc_BxHxPxK)
-  return out_BxHxK[:, None], (kc_BxHxPxK, vc_BxHxPxK)
+  old_BxHxP = jnp.einsum("bhk,bhpk->bhp", q_BxHxK, kc_BxHxPxK,
+                         preferred_element_type=jnp.float32) / scale
+  old_BxHxP = jnp.where(jnp.arange(kc_BxHxPxK.shape[2]) < pos, old_BxHxP,
+                        jnp.finfo(jnp.float32).min)
+  new_BxHx1 = jnp.einsum("bhk,bhk->bh", q_BxHxK, kn_BxHxK,
+                         preferred_element_type=jnp.float32)[..., None] / scale
+  w_BxHxPp1 = jax.nn.softmax(jnp.concatenate([old_BxHxP, new_BxHx1], -1), axis=-1)
+  w_BxHxPp1 = w_BxHxPp1.astype(vc_BxHxPxK.dtype)
+  out_BxHxK = (jnp.einsum("bhp,bhpk->bhk", w_BxHxPp1[..., :-1], vc_BxHxPxK) +
+               w_BxHxPp1[..., -1:] * vn_BxHxK)
+  # `+ 0 * out` (exact: out is finite) makes each write data-depend on the reads above. Without
+  # it XLA may schedule the write first and then copy the whole cache every step to keep the
+  # old one readable, which costs more than the attention itself.
+  after_reads = lambda x: x + (0 * out_BxHxK).astype(x.dtype)
+  kc_BxHxPxK, vc_BxHxPxK = (
+      jax.lax.dynamic_update_slice(c, after_reads(x)[:, :, None].astype(c.dtype), (0, 0, pos, 0))
+      for c, x in ((kc_BxHxPxK, kn_BxHxK), (vc_BxHxPxK, vn_BxHxK)))
+  return out_BxHxK[:, None].astype(q_Bx1xHxK.dtype), (kc_BxHxPxK, vc_BxHxPxK)
 
 
 def decode(params, cfg: ModelConfig, tokens_B, pos, cache):
