@@ -21,19 +21,25 @@ from twist_jax import aggregate, config as config_lib, parallel, subnets, varian
 from twist_jax.model import flops_per_token, init_params  # noqa: E402
 
 
-def build_round(cfg, vocab: int):
-  """(round_fn, state, model, spec, mesh) for cfg's variant on all usable local devices."""
+def build_context(cfg, vocab: int) -> variants.RoundContext:
+  """The round context of cfg's variant on all usable local devices (as the trainer builds)."""
   model = cfg.model.model_config(vocab)
   spec = None if cfg.twist.variant == "ddp" else subnets.make_spec(model, cfg.subnet,
                                                                     cfg.twist.workers)
   mesh = parallel.make_mesh(parallel.device_count_for(cfg.twist.workers, cfg.twist.devices))
-  tx = worker.make_optimizer(cfg.opt)
-  ctx = variants.RoundContext(model, spec, tx, lambda t: config_lib.lr_at(cfg.opt, cfg.steps, t),
-                              mesh, cfg.twist.opt_state,
-                              aggregate.outer_optimizer(cfg.twist.outer_lr, cfg.twist.outer_momentum))
-  state = jax.device_put(variants.init_state(ctx, init_params(model, jax.random.key(0))),
-                         parallel.replicated(mesh))
-  return variants.make_round(cfg.twist.variant, ctx), state, model, spec, mesh
+  return variants.RoundContext(
+      model, spec, worker.make_optimizer(cfg.opt),
+      lambda t: config_lib.lr_at(cfg.opt, cfg.steps, t), mesh, cfg.twist.opt_state,
+      aggregate.outer_optimizer(cfg.twist.outer_lr, cfg.twist.outer_momentum))
+
+
+def build_round(cfg, vocab: int):
+  """(round_fn, state, model, spec, mesh) for cfg's variant on all usable local devices."""
+  ctx = build_context(cfg, vocab)
+  state = jax.device_put(variants.init_state(ctx, init_params(ctx.model, jax.random.key(0))),
+                         parallel.replicated(ctx.mesh))
+  return (variants.make_sampling_round(cfg.twist.variant, ctx), state, ctx.model, ctx.spec,
+          ctx.mesh)
 
 
 def measure(cfg, vocab: int, repeats: int) -> dict:
@@ -41,13 +47,12 @@ def measure(cfg, vocab: int, repeats: int) -> dict:
   w, r, b, l = cfg.twist.workers, cfg.twist.local_steps, cfg.data.batch_size, cfg.model.context
   batches = jax.device_put(jax.random.randint(jax.random.key(1), (w, r, b, l + 1), 0, vocab),
                            parallel.worker_sharded(mesh))
-  sample = jax.jit(subnets.sample_subnets, static_argnums=(1,))
-  subs = lambda i: sample(jax.random.key(i), spec) if spec else {}
+  key = jax.device_put(jax.random.key(2), parallel.replicated(mesh))
   holder = {"state": state}
 
   def one(i=[0]):
-    i[0] += 1
-    holder["state"], metrics = round_fn(holder["state"], subs(i[0]), batches, jnp.int32(0))
+    i[0] += 1  # a new round each call: new subnets, drawn inside the compiled round
+    holder["state"], metrics = round_fn(holder["state"], key, batches, jnp.int32(i[0] * r))
     jax.block_until_ready(metrics["loss"])
 
   one()  # compile
@@ -56,7 +61,8 @@ def measure(cfg, vocab: int, repeats: int) -> dict:
   tokens = w * r * b * l
   return {"round_time_s": t, "step_time_s": t / r, "tokens_per_s": tokens / t,
           "tokens_per_round": tokens, "round_times_s": times, "model_params": model.num_params(),
-          "flops_per_token": flops_per_token(model, l), "devices": mesh.devices.size}
+          "flops_per_token": flops_per_token(model, l), "devices": mesh.devices.size,
+          "round_args": (holder["state"], key, batches, jnp.int32(0)), "round_fn": round_fn}
 
 
 def main():
@@ -74,6 +80,7 @@ def main():
                                   dtype=args.dtype, attention=args.attention, variant="ddp",
                                   workers=args.workers, local_steps=args.steps)
   out = measure(cfg, vocab, args.repeats)
+  del out["round_args"], out["round_fn"]
   peak = common.PEAK_FLOPS.get(jax.devices()[0].device_kind)
   out["mfu"] = (out["flops_per_token"] * out["tokens_per_s"] / (peak * out["devices"])
                 if peak else None)

@@ -155,11 +155,14 @@ def test_blocks_mode_extract_scatter_and_masks():
     assert float(mask[f"h_{i}"]["attn"]["c_attn"]["kernel"].mean()) == float(i in kept)
 
 
-def test_unit_masks_agree_with_holder_mask():
+def test_unit_masks_agree_with_one_workers_holder_counts():
   spec = spec_for("attn_mlp", 0.5, shared=(0,))
   params = init_params(CFG, jax.random.key(0))
   sub = jax.tree.map(lambda x: x[1], subnets.sample_subnets(jax.random.key(4), spec))
-  masks, hold = subnets.unit_masks(sub, spec), subnets.holder_mask(sub, spec, params)
+  one = jax.tree.map(lambda x: x[None], sub)
+  hold = subnets.leaf_counts(subnets.unit_counts(one, spec), spec, params, 1)
+  hold = jax.tree.map(lambda h, p: np.broadcast_to(np.asarray(h), p.shape), hold, params)
+  masks = subnets.unit_masks(sub, spec)
   for i in range(CFG.n_layer):
     proj = np.asarray(hold[f"h_{i}"]["attn"]["c_proj"]["kernel"])[:, 0].reshape(4, -1)[:, 0]
     np.testing.assert_array_equal(proj, masks["head"][i])
@@ -191,3 +194,27 @@ def test_coverage_stats():
   sub = subnets.sample_subnets(jax.random.key(0), spec)
   stats = subnets.coverage(sub, spec)
   assert stats["coverage_head_min"] >= 1 and stats["coverage_head_mean"] == 2.0
+
+
+def test_one_rounding_rule_half_up_everywhere():
+  # floor(kappa * U + 1/2): halves round up (Python's round() would give 12, 2 and 0 here).
+  assert [subnets.keep_count(k, u) for k, u in [(0.5, 25), (0.5, 5), (0.25, 2), (0.3, 5)]] == [
+      13, 3, 1, 2]
+  xl = ModelConfig.uniform(n_layer=2, n_head=25, n_embd=100, vocab_size=32, n_positions=8)
+  train = spec_for("attn", 0.5, workers=2, cfg=xl)
+  deploy = subnets.deploy_spec(xl, "attn", 0.5)
+  assert train.keep_head == deploy.keep_head == (13, 13)
+  # Two workers of 13 heads now cover all 25 heads every round.
+  for seed in range(3):
+    sub = subnets.sample_subnets(jax.random.key(seed), train)
+    assert np.bincount(np.asarray(sub["h_0"]["head"]).ravel(), minlength=25).min() >= 1
+
+
+def test_cover_refuses_a_config_that_cannot_cover():
+  cfg = ModelConfig.uniform(n_layer=2, n_head=10, n_embd=40, vocab_size=32, n_positions=8)
+  # S * kappa = 1.02 >= 1 but 3 workers x floor(3.4 + 0.5) = 9 heads < 10.
+  with pytest.raises(ConfigError, match=r"subnet\.kappa.*layer 0.*3 workers x 3 of 10 heads"):
+    spec_for("attn", 0.34, workers=3, cfg=cfg)
+  spec_for("attn", 0.34, workers=3, cfg=cfg, sampler="uniform")  # no coverage promised
+  spec_for("attn", 0.3, workers=3, cfg=cfg)  # S * kappa < 1: cannot cover, nothing promised
+  spec_for("attn", 0.35, workers=3, cfg=cfg)  # 3 x 4 >= 10

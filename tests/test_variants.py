@@ -60,10 +60,7 @@ def assert_trees_close(a, b, atol):
 
 @pytest.mark.parametrize("mode", ["attn", "mlp", "attn_mlp", "blocks"])
 def test_masked_equals_true(mode):
-  kappa = 0.5
-  shared = (0,) if mode == "blocks" else ()
-  if mode == "blocks":  # two blocks: one shared, one partitioned
-    kappa = 1.0
+  kappa, shared = 0.5, ()  # blocks: each worker keeps 1 of the 2 partitioned blocks
   true_state, true_loss = run_rounds(make_ctx(mode, kappa, shared=shared), "true")
   masked_state, masked_loss = run_rounds(make_ctx(mode, kappa, shared=shared), "masked")
   np.testing.assert_allclose(true_loss, masked_loss, atol=2e-5)
@@ -114,8 +111,8 @@ def test_shard_map_vmap_and_python_loop_agree():
   for devices in (1, 2, 4):  # 4 workers: vmap of 4 on one device ... one worker per device
     ctx = make_ctx(devices=devices)
     batches, subs = inputs(0, W, ctx.spec)
-    state, metrics = variants.make_round("true", ctx)(variants.init_state(ctx, params), subs,
-                                                       batches, jnp.int32(3))
+    fresh = variants.init_state(ctx, jax.tree.map(jnp.copy, params))  # the round donates it
+    state, metrics = variants.make_round("true", ctx)(fresh, subs, batches, jnp.int32(3))
     outs[devices] = (jax.device_get(state["params"]), np.asarray(metrics["loss"]))
   ref_params, ref_loss = python_loop_round(ctx, params, ctx.tx.init(params), subs, batches, 3)
   for devices, (p, loss) in outs.items():
@@ -144,21 +141,38 @@ def test_twist_kappa_one_r_one_sgd_equals_ddp():
   assert_trees_close(twist["params"], ddp["params"], 2e-6)
 
 
-def test_resampling_does_not_recompile():
-  ctx = make_ctx()
-  fn = variants.make_round("true", ctx)
-  state = jax.device_put(variants.init_state(ctx, init_params(MODEL, jax.random.key(0))),
-                         parallel.replicated(ctx.mesh))  # as the trainer places it
+@pytest.mark.parametrize("devices", [1, 4])
+@pytest.mark.parametrize("variant", ["ddp", "true", "masked", "hybrid"])
+def test_resampling_does_not_recompile_or_touch_the_host(variant, devices):
+  """Subnets are drawn inside the compiled round: new subnets every round, one compile, and
+  no device-to-host transfer inside a round."""
+  ctx = make_ctx(devices=devices)
+  fn = variants.make_sampling_round(variant, ctx)
+  rep = parallel.replicated(ctx.mesh)
+  state = jax.device_put(variants.init_state(ctx, init_params(MODEL, jax.random.key(0))), rep)
+  key = jax.device_put(jax.random.key(7), rep)
+  seen = []
   for r in range(3):
-    batches, subs = inputs(r, W, ctx.spec)
-    state, _ = fn(state, subs, batches, jnp.int32(r * R))
-  assert fn._cache_size() == 1
-  sample = jax.jit(subnets.sample_subnets, static_argnums=(1,))
-  sample(jax.random.key(0), ctx.spec)
-  before = sample._cache_size()  # jit caches are per function: other tests' specs are there too
-  for r in range(1, 4):
-    sample(jax.random.key(r), ctx.spec)
-  assert sample._cache_size() == before
+    batches = jax.device_put(inputs(r, W)[0], parallel.worker_sharded(ctx.mesh))
+    step0 = jax.device_put(jnp.int32(r * R), rep)
+    with jax.transfer_guard_device_to_host("disallow"):
+      state, metrics = fn(state, key, batches, step0)
+    if variant != "ddp":
+      seen.append(np.asarray(metrics["subnets"]["h_0"]["head"]))
+      expect = subnets.sample_subnets(jax.random.fold_in(jax.random.key(7), r), ctx.spec)
+      np.testing.assert_array_equal(seen[-1], expect["h_0"]["head"])
+  if variant != "ddp":
+    assert not np.array_equal(seen[0], seen[1])
+  parts = getattr(fn, "jitted", (fn,))  # hybrid: several jitted calls, each compiled once
+  assert [p._cache_size() for p in parts] == [1] * len(parts)
+
+
+def test_round_donates_the_state_it_replaces():
+  ctx = make_ctx()
+  state = variants.init_state(ctx, init_params(MODEL, jax.random.key(0)))
+  batches, subs = inputs(0, W, ctx.spec)
+  variants.make_round("true", ctx)(state, subs, batches, jnp.int32(0))
+  assert all(x.is_deleted() for x in jax.tree.leaves(state["params"]))
 
 
 def test_outer_momentum_changes_the_update():

@@ -1,7 +1,9 @@
 """Aggregation: the masked mean that writes worker results back into the central model.
 
-Pure functions of pytrees (docs/method.md §6); no mesh code. Worker trees carry a leading
-W axis and are full-shaped (`subnets.scatter_subnet` output): values zero where not held.
+Pure functions of pytrees (docs/method.md §6); no mesh code. Workers hand in *changes*
+(theta_w - central) summed over workers, and holder counts derived from subnet indices
+(`subnets.unit_counts` / `subnets.leaf_counts`: arrays that broadcast to each leaf, never a
+full-size mask per worker). The collective that sums over devices lives in parallel.py.
 """
 
 import jax
@@ -9,23 +11,23 @@ import jax.numpy as jnp
 import optax
 
 
-def masked_mean(central, values_W, masks_W):
-  """new = where(cnt > 0, sum_w mask_w * value_w / cnt, central), cnt = sum_w mask_w.
+def mean_of_holders(central, delta_sum, counts):
+  """new = central + sum_w (theta_w - central) / cnt where cnt > 0, else central.
 
-  Entries no worker held keep the central value; shared leaves (mask 1 everywhere) get the
-  plain mean. Dtypes of `central` are preserved.
+  This is the masked mean over the workers that held an entry: a worker that did not hold an
+  entry contributes a zero change there, so the sum only sees holders. `counts` leaves
+  broadcast to their leaf (unit counts along the unit dim, W for shared leaves). Dtypes of
+  `central` are preserved.
   """
-  def leaf(c, v, m):
-    m = m.astype(jnp.float32)
-    num = jnp.sum(v.astype(jnp.float32) * m, axis=0)
-    cnt = jnp.sum(m, axis=0)
-    return jnp.where(cnt > 0, num / jnp.maximum(cnt, 1.0), c.astype(jnp.float32)).astype(c.dtype)
-  return jax.tree.map(leaf, central, values_W, masks_W)
+  def leaf(c, d, n):
+    step = d.astype(jnp.float32) / jnp.maximum(jnp.asarray(n, jnp.float32), 1.0)
+    return (c.astype(jnp.float32) + step).astype(c.dtype)
+  return jax.tree.map(leaf, central, delta_sum, counts)
 
 
-def holder_counts(masks_W):
-  """Per-entry number of workers holding it (a full-shaped tree of float32)."""
-  return jax.tree.map(lambda m: jnp.sum(m.astype(jnp.float32), axis=0), masks_W)
+def changes(new, old):
+  """theta_new - theta_old per leaf (what a worker sends back; exactly 0 where frozen)."""
+  return jax.tree.map(lambda a, b: a - b, new, old)
 
 
 def delta_norm(old, new) -> jax.Array:

@@ -11,12 +11,10 @@ from typing import Any
 
 import ml_collections
 
+from twist_jax import subnets
 from twist_jax.errors import ConfigError
 from twist_jax.model import ATTENTION_IMPLS, DTYPES, ModelConfig
-
-MODES = ("attn", "mlp", "attn_mlp", "blocks")
-SAMPLERS = ("cover", "uniform", "partition")
-CORRECTIONS = ("none", "mean", "norm")
+from twist_jax.subnets import CORRECTIONS, MODES, SAMPLERS, SubnetConfig
 VARIANTS = ("ddp", "true", "masked", "hybrid")
 OPT_STATES = ("slice", "reset")
 OPTIMIZERS = ("adamw", "sgd")
@@ -44,7 +42,8 @@ def default_config() -> ml_collections.ConfigDict:
   s.mode = "attn"  # attn | mlp | attn_mlp | blocks (docs/method.md §2)
   s.kappa = 0.5  # keep ratio, a float or one per layer (tuple)
   s.shared_layers = ()  # blocks never partitioned (the paper: first and last two)
-  s.sampler = "cover"  # cover | uniform | partition (docs/method.md §3)
+  s.sampler = "cover"  # cover | uniform | partition | balanced (docs/method.md §3)
+  s.core = 0.0  # nested core: the first ceil(core * U) units of a layer are in every subnet
   s.correction = "mean"  # none | mean | norm: activation-shift correction (docs/method.md §4)
 
   c.twist = t = ml_collections.ConfigDict()
@@ -55,6 +54,11 @@ def default_config() -> ml_collections.ConfigDict:
   t.outer_lr = 1.0  # outer optimizer on (central - masked mean); 1 and 0 momentum = plain TwIST
   t.outer_momentum = 0.0  # Nesterov momentum of the outer SGD (DiLoCo uses 0.9)
   t.devices = 0  # devices of the worker mesh; 0 means all local devices
+  # Training levers (docs/method.md §9), all off by default:
+  t.full_workers = 0  # k of the S workers train the full model every round (sandwich rule)
+  t.distill = 0.0  # alpha: subnet loss (1 - alpha) CE + alpha T^2 KL(round-start model || subnet)
+  t.distill_temperature = 1.0  # T of the distillation softmax
+  t.dense_steps = 0  # the first n steps (a multiple of R) are DDP on the same workers
 
   c.opt = o = ml_collections.ConfigDict()
   o.name = "adamw"  # adamw | sgd
@@ -111,15 +115,6 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 @dataclasses.dataclass(frozen=True)
-class SubnetConfig:
-  mode: str
-  kappa: tuple[float, ...]  # one per layer
-  shared_layers: tuple[int, ...]
-  sampler: str
-  correction: str
-
-
-@dataclasses.dataclass(frozen=True)
 class TwistConfig:
   variant: str
   workers: int
@@ -128,6 +123,10 @@ class TwistConfig:
   outer_lr: float
   outer_momentum: float
   devices: int
+  full_workers: int = 0
+  distill: float = 0.0
+  distill_temperature: float = 1.0
+  dense_steps: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -294,8 +293,10 @@ def from_configdict(c: ml_collections.ConfigDict) -> Config:
   for i in shared:
     if not 0 <= i < m.n_layer:
       raise ConfigError("subnet.shared_layers", f"layer {i} is outside 0..{m.n_layer - 1}")
+  if not (isinstance(s.core, (int, float)) and 0 <= s.core < 1):
+    raise ConfigError("subnet.core", f"got {s.core!r}; must be in [0, 1)")
   s = SubnetConfig(s.mode, _kappas(s.kappa, m.n_layer), tuple(sorted(set(shared))), s.sampler,
-                   s.correction)
+                   s.correction, float(s.core))
 
   t = _section(TwistConfig, c.twist, "twist")
   _choice("twist.variant", t.variant, VARIANTS)
@@ -306,6 +307,7 @@ def from_configdict(c: ml_collections.ConfigDict) -> Config:
   _positive("twist.outer_lr", t.outer_lr)
   if not 0 <= t.outer_momentum < 1:
     raise ConfigError("twist.outer_momentum", f"got {t.outer_momentum!r}; must be in [0, 1)")
+  _check_levers(t, c.steps)
 
   o = _section(OptConfig, c.opt, "opt")
   _choice("opt.name", o.name, OPTIMIZERS)
@@ -354,12 +356,28 @@ def from_configdict(c: ml_collections.ConfigDict) -> Config:
   return cfg
 
 
+def _check_levers(t: TwistConfig, steps) -> None:
+  """Ranges of the training levers (docs/method.md §9); mesh-dependent checks live in train."""
+  _int("twist.full_workers", t.full_workers, allow_zero=True)
+  if t.full_workers > t.workers:
+    raise ConfigError("twist.full_workers", f"got {t.full_workers}; must be in 0..twist.workers"
+                      f"={t.workers}")
+  if t.variant == "hybrid" and t.full_workers > 1:
+    raise ConfigError("twist.full_workers", f"got {t.full_workers}; hybrid allows 0 or 1 (its "
+                      "masked worker 0 is the full worker)")
+  if not (isinstance(t.distill, (int, float)) and 0 <= t.distill <= 1):
+    raise ConfigError("twist.distill", f"got {t.distill!r}; must be in [0, 1]")
+  _positive("twist.distill_temperature", t.distill_temperature)
+  _int("twist.dense_steps", t.dense_steps, allow_zero=True)
+  if t.dense_steps % t.local_steps or (isinstance(steps, int) and t.dense_steps > steps):
+    raise ConfigError("twist.dense_steps", f"got {t.dense_steps}; must be a multiple of "
+                      f"twist.local_steps={t.local_steps} and at most steps={steps}")
+
+
 def _check_subnet_sizes(cfg: Config) -> None:
   """Every partitioned layer keeps >= 1 unit; `partition` needs kappa * S == 1 exactly."""
   if cfg.twist.variant == "ddp":
     return
-  from twist_jax import subnets  # local import: subnets imports this module's dataclasses
-
   subnets.make_spec(cfg.model.model_config(256), cfg.subnet, cfg.twist.workers)
 
 

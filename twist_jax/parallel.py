@@ -41,18 +41,20 @@ def worker_sharded(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(AXIS))
 
 
-def map_over_workers(fn, mesh: Mesh, in_axes, out_axes=0):
-  """Runs `fn` once per worker: shard_map over devices of vmap over each device's workers.
-
-  `in_axes` / `out_axes` follow vmap (0 = per-worker leading axis, None = broadcast); each
-  per-worker argument's leading axis W is split over the mesh, broadcast ones are replicated.
+def sum_over_workers(fn, mesh: Mesh, in_axes):
+  """shard_map over devices of `fn`, which sees this device's workers (leading axis w) and
+  returns (to_sum, per_worker): `to_sum` (e.g. the device's sum of worker changes and holder
+  counts) is added over the mesh with one psum and comes back replicated; `per_worker` keeps
+  its leading axis, split over the mesh. `in_axes`: 0 = per-worker, None = replicated.
   """
   spec = lambda a: P() if a is None else P(AXIS)
-  in_specs = tuple(spec(a) for a in in_axes)
-  out_specs = (jax.tree.map(spec, out_axes, is_leaf=lambda x: x is None)
-               if isinstance(out_axes, tuple) else spec(out_axes))
-  return jax.shard_map(jax.vmap(fn, in_axes=in_axes, out_axes=out_axes), mesh=mesh,
-                       in_specs=in_specs, out_specs=out_specs, check_vma=False)
+
+  def device_fn(*args):
+    to_sum, per_worker = fn(*args)
+    return jax.lax.psum(to_sum, AXIS), per_worker
+
+  return jax.shard_map(device_fn, mesh=mesh, in_specs=tuple(spec(a) for a in in_axes),
+                       out_specs=(P(), P(AXIS)), check_vma=False)
 
 
 def initialize_distributed(coordinator: str = "", num_processes: int = 0,

@@ -7,14 +7,18 @@ Samplers return the same pytree with a leading worker axis W. No sharding code l
 """
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from twist_jax import config
 from twist_jax.errors import ConfigError, UserError
 from twist_jax.model import ModelConfig
+
+MODES = ("attn", "mlp", "attn_mlp", "blocks")
+SAMPLERS = ("cover", "uniform", "partition", "balanced")
+CORRECTIONS = ("none", "mean", "norm")
 
 # Where a unit lives inside a block's leaves: (leaf path, dim of the leaf that holds the
 # flattened (pre, U, post) axis, pre, post-multiplier) -- post is K for heads, 1 for MLP units.
@@ -22,6 +26,18 @@ _HEAD_LEAVES = ((("attn", "c_attn", "kernel"), 1, 3), (("attn", "c_attn", "bias"
                 (("attn", "c_proj", "kernel"), 0, 1))
 _UNIT_LEAVES = ((("mlp", "c_fc", "kernel"), 1, 1), (("mlp", "c_fc", "bias"), 0, 1),
                 (("mlp", "c_proj", "kernel"), 0, 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class SubnetConfig:
+  """The `subnet` section of a run's config (validated by `config.from_configdict`)."""
+
+  mode: str
+  kappa: tuple[float, ...]  # one per layer
+  shared_layers: tuple[int, ...]
+  sampler: str
+  correction: str
+  core: float = 0.0  # nested core: the first ceil(core * U) units of a layer are always kept
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +55,7 @@ class SubnetSpec:
   keep_head: tuple[int, ...]  # Hs per layer (H where heads are not partitioned)
   keep_unit: tuple[int, ...]  # Fs per layer
   keep_blocks: int  # Ns: partitioned blocks kept (blocks mode)
+  core: float = 0.0  # fraction of each group's units (a prefix) in every subnet
 
   @property
   def n_layer(self) -> int:
@@ -53,12 +70,17 @@ class SubnetSpec:
     return self.n_layer - len(self.partitioned) + self.keep_blocks
 
 
-def _keep(kappa: float, total: int) -> int:
-  return int(round(kappa * total))
+def keep_count(kappa: float, total: int) -> int:
+  """m = floor(kappa * U + 1/2): the one rounding rule (training, deployment, export).
+
+  Python's round() would round halves to even (12.5 -> 12), leaving e.g. one of GPT-2 XL's 25
+  heads untrained every round with kappa = 0.5 and S = 2.
+  """
+  return int(math.floor(kappa * total + 0.5))
 
 
-def make_spec(model: ModelConfig, subnet, workers: int) -> SubnetSpec:
-  """Builds the spec from the full model and a `config.SubnetConfig`; raises ConfigError."""
+def make_spec(model: ModelConfig, subnet: SubnetConfig, workers: int) -> SubnetSpec:
+  """Builds the spec from the full model and a `SubnetConfig`; raises ConfigError."""
   n = model.n_layer
   kappas = tuple(subnet.kappa) if len(subnet.kappa) == n else (subnet.kappa[0],) * n
   partitioned = tuple(i for i in range(n) if i not in subnet.shared_layers)
@@ -67,9 +89,9 @@ def make_spec(model: ModelConfig, subnet, workers: int) -> SubnetSpec:
   keep_head, keep_unit = list(model.n_head), list(model.n_inner)
   for i in partitioned:
     if "head" in kinds:
-      keep_head[i] = _keep(kappas[i], model.n_head[i])
+      keep_head[i] = keep_count(kappas[i], model.n_head[i])
     if "unit" in kinds:
-      keep_unit[i] = _keep(kappas[i], model.n_inner[i])
+      keep_unit[i] = keep_count(kappas[i], model.n_inner[i])
     if min(keep_head[i], keep_unit[i]) < 1:
       raise ConfigError("subnet.kappa", f"kappa={kappas[i]} leaves layer {i} with zero units "
                         f"(H={model.n_head[i]}, F={model.n_inner[i]}); raise kappa")
@@ -77,30 +99,55 @@ def make_spec(model: ModelConfig, subnet, workers: int) -> SubnetSpec:
   if subnet.mode == "blocks":
     if len(set(model.n_head)) > 1 or len(set(model.n_inner)) > 1:
       raise ConfigError("subnet.mode", "blocks mode needs equal widths in every layer")
-    keep_blocks = _keep(kappas[partitioned[0]] if partitioned else 1.0, len(partitioned))
+    keep_blocks = keep_count(kappas[partitioned[0]] if partitioned else 1.0, len(partitioned))
     if partitioned and keep_blocks < 1:
       raise ConfigError("subnet.kappa", f"kappa keeps zero of {len(partitioned)} blocks")
   spec = SubnetSpec(subnet.mode, workers, subnet.sampler, subnet.correction, model.head_dim,
                     tuple(model.n_head), tuple(model.n_inner), partitioned, tuple(keep_head),
-                    tuple(keep_unit), keep_blocks)
+                    tuple(keep_unit), keep_blocks, subnet.core)
+  for layer, kind, total, keep in _groups(spec):
+    if core_count(spec.core, total) > keep:
+      raise ConfigError("subnet.core", f"core={spec.core} keeps {core_count(spec.core, total)} "
+                        f"of {total} {kind}s of layer {layer} in every subnet, more than its "
+                        f"{keep}; lower subnet.core or raise subnet.kappa")
   if subnet.sampler == "partition":
-    for total, keep in _groups(spec):
+    for _, _, total, keep in _groups(spec):
       if keep * workers != total:
         raise ConfigError("subnet.sampler", f"'partition' needs kappa * workers == 1 exactly "
                           f"(got {keep} of {total} units x {workers} workers)")
+  if subnet.sampler == "cover":
+    _check_cover(spec, kappas)
   return spec
 
 
+def core_count(core: float, total: int) -> int:
+  """ceil(core * U) (rounded first, so 0.3 * 10 is 3, not 4)."""
+  return int(math.ceil(round(core * total, 9)))
+
+
+def _check_cover(spec: SubnetSpec, kappas) -> None:
+  """With S * kappa >= 1 every unit should get a holder each round; that needs S * m >= U.
+  (With a nested core of c units the other units are covered only if S (m - c) >= U - c.)"""
+  for layer, kind, total, keep in _groups(spec):
+    kappa = kappas[layer if layer >= 0 else spec.partitioned[0]]
+    if spec.workers * kappa >= 1 and spec.workers * keep < total:
+      need = (total + spec.workers - 1) // spec.workers
+      raise ConfigError("subnet.kappa", f"layer {layer}: {spec.workers} workers x {keep} of "
+                        f"{total} {kind}s leave {total - spec.workers * keep} untrained every "
+                        f"round; set subnet.kappa >= {(need - 0.5) / total:.4g} for that layer "
+                        f"or twist.workers >= {-(-total // keep)}")
+
+
 def _groups(spec: SubnetSpec):
-  """(U, m) of every sampled unit group."""
+  """(layer, kind, U, m) of every sampled unit group (blocks mode: layer -1)."""
   if spec.mode == "blocks":
-    return [(len(spec.partitioned), spec.keep_blocks)] if spec.partitioned else []
+    return [(-1, "block", len(spec.partitioned), spec.keep_blocks)] if spec.partitioned else []
   out = []
   for i in spec.partitioned:
     if "head" in spec.unit_kinds:
-      out.append((spec.n_head[i], spec.keep_head[i]))
+      out.append((i, "head", spec.n_head[i], spec.keep_head[i]))
     if "unit" in spec.unit_kinds:
-      out.append((spec.n_inner[i], spec.keep_unit[i]))
+      out.append((i, "unit", spec.n_inner[i], spec.keep_unit[i]))
   return out
 
 
@@ -116,14 +163,13 @@ def check_kappa(kappa) -> tuple[float, ...] | float:
 
 
 def deploy_spec(model_cfg: ModelConfig, mode: str, kappa, shared_layers=(),
-                correction: str = "mean") -> SubnetSpec:
+                correction: str = "mean", core: float = 0.0) -> SubnetSpec:
   """The W = 1 spec of a deployed subnet; `kappa` is a float or one ratio per layer."""
   check_kappa(kappa)
-  if mode not in config.MODES:
-    raise UserError(f"mode: got {mode!r}; allowed: {', '.join(config.MODES)}")
-  if correction not in config.CORRECTIONS:
-    raise UserError(f"correction: got {correction!r}; allowed: "
-                    f"{', '.join(config.CORRECTIONS)}")
+  if mode not in MODES:
+    raise UserError(f"mode: got {mode!r}; allowed: {', '.join(MODES)}")
+  if correction not in CORRECTIONS:
+    raise UserError(f"correction: got {correction!r}; allowed: {', '.join(CORRECTIONS)}")
   n = model_cfg.n_layer
   kappas = tuple(float(k) for k in kappa) if isinstance(kappa, (tuple, list)) else (
       (float(kappa),) * n)
@@ -135,17 +181,32 @@ def deploy_spec(model_cfg: ModelConfig, mode: str, kappa, shared_layers=(),
   if mode == "blocks" and len({k for i, k in enumerate(kappas) if i not in shared_layers}) > 1:
     raise UserError(f"kappa: blocks mode keeps one fraction of the blocks; got {kappas}")
   # `uniform`: with W = 1 every sampler draws a uniformly random subset; this one says so.
-  sub = config.SubnetConfig(mode, kappas, tuple(sorted(set(shared_layers))), "uniform",
-                                correction)
+  if not 0 <= core < 1:
+    raise UserError(f"core: got {core!r}; must be in [0, 1)")
+  sub = SubnetConfig(mode, kappas, tuple(sorted(set(shared_layers))), "uniform", correction,
+                     float(core))
   return make_spec(model_cfg, sub, 1)
 
 
 # ---- samplers -----------------------------------------------------------------------------------
 
 
-def _sample_group(key, sampler: str, num_units: int, keep: int, workers: int):
-  """(W, keep) sorted int32 unit indices for one unit group."""
+def _sample_group(key, sampler: str, num_units: int, keep: int, workers: int, core: int = 0):
+  """(W, keep) sorted int32 unit indices for one unit group; units 0..core-1 in every row."""
+  if core:
+    core_WxC = jnp.broadcast_to(jnp.arange(core, dtype=jnp.int32), (workers, core))
+    if keep == core:
+      return core_WxC
+    rest = _sample_group(key, sampler, num_units - core, keep - core, workers)
+    return jnp.concatenate([core_WxC, rest + core], axis=1)  # still sorted
   k_perm, k_fill = jax.random.split(key)
+  if sampler == "balanced":
+    # Lay a random permutation out cyclically over the S * m slots; worker s takes slots
+    # [s m, (s + 1) m). m <= U consecutive slots of a cycle are distinct units, and every unit
+    # fills floor(S m / U) or one more slots.
+    perm_U = jax.random.permutation(k_perm, num_units).astype(jnp.int32)
+    slots_WxM = jnp.arange(workers * keep).reshape(workers, keep) % num_units
+    return jnp.sort(perm_U[slots_WxM], axis=-1)
   u_WxU = jax.random.uniform(k_fill, (workers, num_units))
   if sampler == "uniform":
     priority_WxU = u_WxU  # top-k of i.i.d. uniforms = a uniformly random subset
@@ -168,16 +229,19 @@ def sample_subnets(key: jax.Array, spec: SubnetSpec, workers: int | None = None)
   if spec.mode == "blocks":
     if not spec.partitioned:
       return {"blocks": jnp.zeros((w, 0), jnp.int32)}
-    return {"blocks": _sample_group(key, spec.sampler, len(spec.partitioned), spec.keep_blocks, w)}
+    n = len(spec.partitioned)
+    return {"blocks": _sample_group(key, spec.sampler, n, spec.keep_blocks, w,
+                                    core_count(spec.core, n))}
   out = {}
   for i in spec.partitioned:
     layer = {}
     if "head" in spec.unit_kinds:
       layer["head"] = _sample_group(jax.random.fold_in(key, 2 * i), spec.sampler, spec.n_head[i],
-                                    spec.keep_head[i], w)
+                                    spec.keep_head[i], w, core_count(spec.core, spec.n_head[i]))
     if "unit" in spec.unit_kinds:
       layer["unit"] = _sample_group(jax.random.fold_in(key, 2 * i + 1), spec.sampler,
-                                    spec.n_inner[i], spec.keep_unit[i], w)
+                                    spec.n_inner[i], spec.keep_unit[i], w,
+                                    core_count(spec.core, spec.n_inner[i]))
     out[f"h_{i}"] = layer
   return out
 
@@ -364,9 +428,91 @@ def scatter_subnet(small, subnet, spec: SubnetSpec, like):
   return vals, mask
 
 
-def holder_mask(subnet, spec: SubnetSpec, like):
-  """Full-shaped 0/1 tree: 1 where this subnet holds the entry (shared leaves are all 1)."""
-  return scatter_subnet(extract_subnet(like, subnet, spec), subnet, spec, like)[1]
+# ---- aggregation helpers: sums and holder counts without per-worker full-size trees ---------
+
+
+def unit_counts(subnets_W, spec: SubnetSpec):
+  """Holders per unit, from the indices alone: a bincount per layer and unit kind.
+
+  `{'h_i': {'head': (H,), 'unit': (F,)}}` or `{'blocks': (N,)}` (every layer, shared ones held
+  by all W), float32. Shared by params and both Adam moments; sums over devices with one psum.
+  """
+  if spec.mode == "blocks":
+    w = subnets_W["blocks"].shape[0]
+    kept_WxK = jax.vmap(lambda b: _blocks_kept({"blocks": b}, spec))(subnets_W["blocks"])
+    return {"blocks": _bincount(kept_WxK, spec.n_layer) if w else jnp.zeros(spec.n_layer)}
+  sizes = {"head": spec.n_head, "unit": spec.n_inner}
+  return {f"h_{i}": {kind: _bincount(subnets_W[f"h_{i}"][kind], sizes[kind][i])
+                     for kind in spec.unit_kinds} for i in spec.partitioned}
+
+
+def _bincount(idx, total: int):
+  return jnp.zeros((total,), jnp.float32).at[idx.reshape(-1)].add(1.0)
+
+
+def leaf_counts(counts, spec: SubnetSpec, like, workers: int):
+  """Params-shaped tree of holder counts, each broadcastable to its leaf (not full-sized).
+
+  A unit-bearing leaf gets its unit counts laid along the leaf's unit dim; shared leaves get
+  `workers` (all W hold them); in blocks mode each block's leaves get its layer's count.
+  """
+  total = jnp.float32(workers)
+  if spec.mode == "blocks":
+    out = jax.tree.map(lambda _: total, like)
+    for i in range(spec.n_layer):
+      out[f"h_{i}"] = jax.tree.map(lambda _, i=i: counts["blocks"][i], like[f"h_{i}"])
+    return out
+  out = jax.tree.map(lambda _: total, like)
+  for i in spec.partitioned:
+    for path, dim, pre, units, kind in _leaf_rules(spec, i):
+      leaf = _get(like, (f"h_{i}",) + path)
+      post = leaf.shape[dim] // (pre * units)
+      along_dim = jnp.broadcast_to(counts[f"h_{i}"][kind][None, :, None], (pre, units, post))
+      shape = [1] * leaf.ndim
+      shape[dim] = leaf.shape[dim]
+      out = _set(out, (f"h_{i}",) + path, along_dim.reshape(shape))
+  return out
+
+
+def scatter_add(small_W, subnets_W, spec: SubnetSpec, like):
+  """sum_w scatter(small_w): W workers' subnet-shaped trees added into one full-shaped tree.
+
+  One scatter-add per leaf over the workers' flattened indices; never W full-size trees.
+  Shared leaves are summed over W. `like` gives the full shapes.
+  """
+  if spec.mode == "blocks":
+    return _scatter_add_blocks(small_W, subnets_W, spec, like)
+  out = jax.tree.map(lambda x: jnp.sum(x, axis=0), small_W)
+  for i in spec.partitioned:
+    for path, dim, pre, total, kind in _leaf_rules(spec, i):
+      full = _get(like, (f"h_{i}",) + path)
+      idx_WxM = subnets_W[f"h_{i}"][kind]
+      w, m = idx_WxM.shape
+      s_view, axis = _view(_get(small_W, (f"h_{i}",) + path), dim + 1, pre, m)
+      # (W, ..., pre, M, post, ...) -> (..., pre, W*M, post, ...): workers join the unit axis.
+      s_view = jnp.moveaxis(s_view, 0, axis - 1)
+      s_view = s_view.reshape(s_view.shape[:axis - 1] + (w * m,) + s_view.shape[axis + 1:])
+      z_view, z_axis = _view(jnp.zeros(full.shape, s_view.dtype), dim, pre, total)
+      where = (slice(None),) * z_axis + (idx_WxM.reshape(-1),)
+      out = _set(out, (f"h_{i}",) + path, z_view.at[where].add(s_view).reshape(full.shape))
+  return out
+
+
+def _scatter_add_blocks(small_W, subnets_W, spec: SubnetSpec, like):
+  w = subnets_W["blocks"].shape[0]
+  kept_WxK = jax.vmap(lambda b: _blocks_kept({"blocks": b}, spec))(subnets_W["blocks"])
+  k = spec.kept_layers()
+  small_stack = jax.tree.map(lambda *xs: jnp.stack(xs, axis=1),
+                             *[small_W[f"h_{j}"] for j in range(k)])  # (W, K, ...)
+  full_stack = _stack_blocks(like, spec.n_layer)
+  summed = jax.tree.map(
+      lambda z, s: jnp.zeros(z.shape, s.dtype).at[kept_WxK.reshape(-1)].add(
+          s.reshape((w * k,) + s.shape[2:])), full_stack, small_stack)
+  out = {key: jax.tree.map(lambda x: jnp.sum(x, axis=0), v) for key, v in small_W.items()
+         if not key.startswith("h_")}
+  for i in range(spec.n_layer):
+    out[f"h_{i}"] = jax.tree.map(lambda x, i=i: x[i], summed)
+  return out
 
 
 # ---- statistics ----------------------------------------------------------------------------------

@@ -84,7 +84,11 @@ def build(cfg: config_lib.Config, workdir: str) -> Run:
   tx = worker.make_optimizer(cfg.opt)
   lr_fn = lambda t: config_lib.lr_at(cfg.opt, cfg.steps, t)
   outer = aggregate.outer_optimizer(cfg.twist.outer_lr, cfg.twist.outer_momentum)
-  ctx = variants.RoundContext(model, spec, tx, lr_fn, mesh, cfg.twist.opt_state, outer)
+  tw = cfg.twist
+  ctx = variants.RoundContext(model, spec, tx, lr_fn, mesh, tw.opt_state, outer,
+                              tw.full_workers if spec else 0, tw.distill, tw.distill_temperature)
+  if spec is not None and tw.variant != "hybrid":
+    variants.full_workers_per_device(ctx)  # refuse an uneven split now, before any writing
   # Fail now (exit 2, nothing written) if the data cannot feed one step.
   dataset.train_iterator(num_workers=cfg.twist.workers, batch_size=cfg.data.batch_size,
                          context=cfg.model.context, seed=cfg.seed)
@@ -112,9 +116,15 @@ def _check_resume_config(workdir: str, resolved: dict) -> None:
   flat = lambda d, p="": ({f"{p}{k}": v for k2, v2 in [(k, d[k]) for k in d]
                            for k, v in (flat(v2, f"{p}{k2}.").items() if isinstance(v2, dict)
                                         else [(k2, v2)])})
-  a, b = flat(old), flat(json.loads(json.dumps(resolved)))
-  allowed = {"steps", "log.progress", "eval.every", "ckpt.every", "ckpt.keep", "log.every"}
-  diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in allowed)
+  as_json = lambda cfg_dict: flat(json.loads(json.dumps(cfg_dict)))
+  a, b = flat(old), as_json(resolved)
+  # A field added after the old run was made counts as equal when the new run leaves it at
+  # its default (the old run behaved as that default).
+  defaults = as_json(config_lib.to_dict(config_lib.from_configdict(config_lib.default_config())))
+  allowed = {"steps", "log.progress", "eval.every", "ckpt.every", "ckpt.keep", "log.every",
+             "data.gpt2_bpe_dir"}
+  diff = sorted(k for k in set(a) | set(b)
+                if a.get(k, defaults.get(k)) != b.get(k) and k not in allowed)
   if diff:
     raise ConfigError(diff[0], f"workdir {workdir!r} holds a run with a different config; "
                       f"fields that differ: {', '.join(diff)} (use a new --workdir)")
@@ -211,9 +221,14 @@ class Trainer:
 
   def __init__(self, run: Run):
     self.run, cfg = run, run.cfg
-    self.round_fn = variants.make_round(cfg.twist.variant, run.ctx)
-    self.sample = jax.jit(subnets.sample_subnets, static_argnums=(1,)) if run.spec else None
-    self.subnet_key = jax.random.fold_in(jax.random.key(cfg.seed), 1)
+    self.round_fn = variants.make_sampling_round(cfg.twist.variant, run.ctx)
+    # Dense warm-up: the first twist.dense_steps steps are DDP rounds on the same workers,
+    # same optimizer state layout, same schedule; the round function is picked by the step.
+    self.dense_fn = (variants.make_sampling_round("ddp", dataclasses.replace(run.ctx, spec=None))
+                     if cfg.twist.dense_steps else None)
+    # Raw key data on the host: every process passes the same value into the round.
+    self.subnet_key = np.asarray(jax.random.key_data(
+        jax.random.fold_in(jax.random.key(cfg.seed), 1)))
     self.it = run.dataset.train_iterator(num_workers=cfg.twist.workers,
                                          batch_size=cfg.data.batch_size,
                                          context=cfg.model.context, seed=cfg.seed)
@@ -254,13 +269,6 @@ class Trainer:
     return self.step
 
   # -- one round --
-  def _subnets(self, rnd: int):
-    """Round r's subnets (from fold_in(key, r)): a host copy, and one split over the mesh."""
-    if self.sample is None:
-      return {}, {}
-    subs = jax.device_get(self.sample(jax.random.fold_in(self.subnet_key, rnd), self.run.spec))
-    return subs, jax.device_put(subs, parallel.worker_sharded(self.run.ctx.mesh))
-
   def validate(self) -> dict:
     nll = evaluate.mean_nll(self.state["params"], self.run.model, self.val_windows,
                             self.run.cfg.eval.batch_size,
@@ -309,15 +317,19 @@ class Trainer:
         while self.step < cfg.steps:
           rnd = self.step // r_steps
           t0 = time.perf_counter()
-          subnets_W, subnets_dev = self._subnets(rnd)
           batches = _round_batches(self.it, r_steps, sharding)
-          state, metrics = self.round_fn(self.state, subnets_dev, batches, jnp.int32(self.step))
-          loss_WxR = np.asarray(metrics["loss"])  # the one host sync per round
+          # Round r's subnets are drawn inside the call from fold_in(subnet_key, r); the old
+          # state is donated, so self.state is replaced before anything else can look at it.
+          round_fn = (self.dense_fn if self.step < cfg.twist.dense_steps else self.round_fn)
+          self.state, metrics = round_fn(self.state, self.subnet_key, batches,
+                                         jnp.int32(self.step))
+          metrics = jax.device_get(metrics)  # the one host sync per round
           if not bool(metrics["finite"]):
             self._diverged(log, self.step + r_steps)
             bar.n = self.step
             continue
-          self.state, self.step = state, self.step + r_steps
+          self.step += r_steps
+          loss_WxR, subnets_W = metrics["loss"], metrics["subnets"]
           record = self._train_record(rnd, loss_WxR, metrics, subnets_W,
                                       time.perf_counter() - t0, tokens_per_round)
           if rnd % cfg.log.every == 0 or self.step == cfg.steps:
@@ -354,7 +366,7 @@ class Trainer:
               "delta_norm": float(metrics["delta_norm"]),
               "lr": float(config_lib.lr_at(self.run.cfg.opt, self.run.cfg.steps, self.step - 1)),
               "round_time_s": dt, "tokens_per_s": tokens / dt}
-    if self.run.spec is not None:
+    if self.run.spec is not None and subnets_W:  # not in DDP rounds (dense warm-up)
       record.update(subnets.coverage(subnets_W, self.run.spec))
     return record
 

@@ -2,11 +2,18 @@
 
 A round maps (state, subnets_W, batches_WxRxBxLp1, step0) -> (state, metrics), where state is
 {'params', 'opt_state', 'outer_state'} of the central model and metrics holds per-worker
-losses (W, R) and the aggregation delta norm. Each round is one compiled call (hybrid: two
-concurrent calls on different devices, then the aggregation).
+losses (W, R), the aggregation delta norm and the round's subnets. `make_sampling_round` draws
+the subnets inside the compiled round from fold_in(key, round), so nothing goes to the host
+between rounds. Each round is one compiled call that donates the state it replaces (hybrid:
+two concurrent calls on different devices, then the aggregation).
+
+Aggregation (docs/method.md §6): each device adds its own workers' changes into one full-size
+sum per tree (`subnets.scatter_add`: one scatter-add per leaf) and counts holders from the
+subnet indices; one psum per tree combines devices; then the masked mean and the outer step.
 """
 
 import dataclasses
+import functools
 from typing import Callable
 
 import jax
@@ -15,7 +22,8 @@ import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from twist_jax import aggregate, parallel, subnets
-from twist_jax.model import ModelConfig, lm_loss
+from twist_jax.errors import ConfigError
+from twist_jax.model import ModelConfig, distill_loss, lm_loss
 from twist_jax.worker import local_steps, map_param_trees
 
 
@@ -28,6 +36,9 @@ class RoundContext:
   mesh: Mesh
   opt_state: str  # slice | reset
   outer: optax.GradientTransformation | None  # None = plain masked mean
+  full_workers: int = 0  # sandwich rule: the first of each device's workers train the full model
+  distill: float = 0.0  # in-place distillation weight alpha of subnet workers (0 = off)
+  distill_temperature: float = 1.0
 
 
 def init_state(ctx: RoundContext, params):
@@ -35,44 +46,114 @@ def init_state(ctx: RoundContext, params):
           "outer_state": ctx.outer.init(params) if ctx.outer else ()}
 
 
-# ---- workers ---------------------------------------------------------------------------------
+def _map_opt(fn_params, fn_other, opt_state, params, *others):
+  """`fn_params` on every params-shaped subtree of an optimizer state (Adam's mu and nu),
+  `fn_other` on the remaining leaves (Adam's step count)."""
+  treedef = jax.tree.structure(params)
+  is_p = lambda x: isinstance(x, dict) and jax.tree.structure(x) == treedef
+  return jax.tree.map(lambda s, *o: fn_params(s, *o) if is_p(s) else fn_other(s, *o),
+                      opt_state, *others, is_leaf=is_p)
+
+
+# ---- workers: each returns its changes (own shapes) and its losses (R,) ---------------------
+
+
+def _subnet_loss(ctx: RoundContext, cfg: ModelConfig, teacher):
+  """A subnet worker's loss: cross-entropy, or with `distill` > 0 the mix with the KL to the
+  round-start central model (`teacher`: the params the worker was handed this round)."""
+  if not ctx.distill:
+    return lambda p, batch, masks: lm_loss(p, cfg, batch, masks)
+  return lambda p, batch, masks: distill_loss(p, cfg, teacher, ctx.model, batch, ctx.distill,
+                                              ctx.distill_temperature, masks)
+
+
+def _full_worker(ctx: RoundContext):
+  """Sandwich rule: a worker that trains the whole central model (all units, scales 1)."""
+  loss_fn = lambda p, batch, masks: lm_loss(p, ctx.model, batch)
+
+  def worker(params, opt_state, batches_RxBxLp1, step0):
+    state = opt_state if ctx.opt_state == "slice" else ctx.tx.init(params)
+    new, new_state, losses_R = local_steps(loss_fn, ctx.tx, ctx.lr_fn, params, state,
+                                           batches_RxBxLp1, step0)
+    opt_change = aggregate.changes(new_state, state) if ctx.opt_state == "slice" else ()
+    return aggregate.changes(new, params), opt_change, losses_R
+  return worker
 
 
 def _true_worker(ctx: RoundContext):
   """Physical subnet: sliced params (and sliced Adam moments) trained as a smaller dense GPT-2."""
   spec, small_cfg = ctx.spec, subnets.subnet_model_config(ctx.model, ctx.spec)
-  loss_fn = lambda p, batch, masks: lm_loss(p, small_cfg, batch)
 
   def worker(params, opt_state, subnet, batches_RxBxLp1, step0):
+    loss_fn = _subnet_loss(ctx, small_cfg, params)
     small = subnets.extract_subnet(params, subnet, spec)
     if ctx.opt_state == "slice":
       state = map_param_trees(lambda t: subnets.extract_subnet(t, subnet, spec), opt_state, params)
     else:
       state = ctx.tx.init(small)
-    small, state, losses_R = local_steps(loss_fn, ctx.tx, ctx.lr_fn, small, state,
-                                         batches_RxBxLp1, step0)
-    values, hold = subnets.scatter_subnet(small, subnet, spec, params)
-    state = map_param_trees(lambda t: subnets.scatter_subnet(t, subnet, spec, params)[0],
-                            state, small)
-    return values, hold, state, losses_R
+    new, new_state, losses_R = local_steps(loss_fn, ctx.tx, ctx.lr_fn, small, state,
+                                           batches_RxBxLp1, step0)
+    opt_change = aggregate.changes(new_state, state) if ctx.opt_state == "slice" else ()
+    return aggregate.changes(new, small), opt_change, losses_R
   return worker
 
 
 def _masked_worker(ctx: RoundContext):
-  """Full-size copy with unit gates; unheld entries (and their Adam moments) are frozen."""
+  """Full-size copy with unit gates; unheld entries (and their Adam moments) are frozen, so
+  their change is exactly zero."""
   spec, masked_cfg = ctx.spec, subnets.masked_model_config(ctx.model, ctx.spec)
-  loss_fn = lambda p, batch, masks: lm_loss(p, masked_cfg, batch, masks)
 
   def worker(params, opt_state, subnet, batches_RxBxLp1, step0):
-    masks, hold = subnets.unit_masks(subnet, spec), subnets.holder_mask(subnet, spec, params)
+    loss_fn = _subnet_loss(ctx, masked_cfg, params)
+    masks = subnets.unit_masks(subnet, spec)
+    one = jax.tree.map(lambda x: x[None], subnet)
+    hold = subnets.leaf_counts(subnets.unit_counts(one, spec), spec, params, 1)
     state = opt_state if ctx.opt_state == "slice" else ctx.tx.init(params)
-    params, state, losses_R = local_steps(loss_fn, ctx.tx, ctx.lr_fn, params, state,
-                                          batches_RxBxLp1, step0, masks, hold)
-    return params, hold, state, losses_R
+    new, new_state, losses_R = local_steps(loss_fn, ctx.tx, ctx.lr_fn, params, state,
+                                           batches_RxBxLp1, step0, masks, hold)
+    opt_change = aggregate.changes(new_state, state) if ctx.opt_state == "slice" else ()
+    return aggregate.changes(new, params), opt_change, losses_R
   return worker
 
 
-# ---- aggregation of worker outputs ------------------------------------------------------------
+# ---- per-device sums and the final mean -------------------------------------------------------
+
+
+def _local_sums(ctx: RoundContext, worker_fn, physical: bool, full_local: int = 0):
+  """This device's workers (leading axis w): ({'params', 'opt', 'counts'} sums, losses (w, R)).
+
+  The first `full_local` of them train the full model (sandwich rule); the rest train their
+  subnets. Physical (True) changes are subnet-shaped and scatter-added into full-size sums;
+  masked and full-model changes are full-size already (zero where unheld) and are summed.
+  """
+  spec, k = ctx.spec, full_local
+  total = lambda t: jax.tree.map(lambda x: jnp.sum(x, axis=0), t)
+
+  def add_up(changes_w, subnets_w, like):
+    return subnets.scatter_add(changes_w, subnets_w, spec, like) if physical else total(changes_w)
+
+  def fn(params, opt_state, subnets_w, batches_wxRxBxLp1, step0):
+    w = batches_wxRxBxLp1.shape[0]
+    rest = jax.tree.map(lambda x: x[k:], subnets_w)
+    counts = subnets.unit_counts(rest if w > k else subnets_w, spec)
+    counts = jax.tree.map(lambda c: (c if w > k else 0 * c) + k, counts)  # full workers hold all
+    parts, losses = [], []
+    if k:
+      d_p, d_o, loss_kxR = jax.vmap(_full_worker(ctx), in_axes=(None, None, 0, None))(
+          params, opt_state, batches_wxRxBxLp1[:k], step0)
+      parts.append({"params": total(d_p), "opt": total(d_o)})
+      losses.append(loss_kxR)
+    if w > k:
+      d_p, d_o, loss_sxR = jax.vmap(worker_fn, in_axes=(None, None, 0, 0, None))(
+          params, opt_state, rest, batches_wxRxBxLp1[k:], step0)
+      # Moments have the workers' own (maybe fewer-block) shapes: d_p tells them apart.
+      parts.append({"params": add_up(d_p, rest, params),
+                    "opt": _map_opt(lambda t: add_up(t, rest, params), total, d_o, d_p)
+                    if ctx.opt_state == "slice" else ()})
+      losses.append(loss_sxR)
+    sums = jax.tree.map(lambda *xs: sum(xs), *parts) if len(parts) > 1 else parts[0]
+    return dict(sums, counts=counts), jnp.concatenate(losses)
+  return fn
 
 
 def _replicate(mesh: Mesh, x):
@@ -85,79 +166,51 @@ def _all_finite(*trees) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(trees)]))
 
 
-def _merge(ctx: RoundContext, state, values_W, hold_W, opt_W, losses_WxR):
+def _finish(ctx: RoundContext, state, sums, losses_WxR, subnets_W):
   """Masked mean of params (and, with opt_state=slice, of Adam moments); optional outer step."""
-  params = state["params"]
-  mean = aggregate.masked_mean(params, values_W, hold_W)
-  if ctx.opt_state == "slice":
-    treedef = jax.tree.structure(params)
-    is_p = lambda x: isinstance(x, dict) and jax.tree.structure(x) == treedef
-    merge = lambda c, w: (aggregate.masked_mean(c, w, hold_W) if is_p(c)
-                          else jnp.mean(w, axis=0).astype(c.dtype))  # step counts: all equal
-    opt_state = jax.tree.map(merge, state["opt_state"], opt_W, is_leaf=is_p)
-  else:
-    opt_state = state["opt_state"]
-  outer_state = state["outer_state"]
-  new = mean
+  params, w = state["params"], ctx.spec.workers
+  counts = subnets.leaf_counts(sums["counts"], ctx.spec, params, w)
+  mean = aggregate.mean_of_holders(params, sums["params"], counts)
+  opt_state = state["opt_state"]
+  if ctx.opt_state == "slice":  # step counts moved by R on every worker: their mean is + R
+    opt_state = _map_opt(lambda c, s: aggregate.mean_of_holders(c, s, counts),
+                         lambda c, s: (c + s // w if jnp.issubdtype(c.dtype, jnp.integer)
+                                       else c + s / w).astype(c.dtype),
+                         opt_state, params, sums["opt"])
+  outer_state, new = state["outer_state"], mean
   if ctx.outer is not None:
     new, outer_state = aggregate.apply_outer(ctx.outer, outer_state, params, mean)
   metrics = {"loss": losses_WxR, "delta_norm": aggregate.delta_norm(params, new),
-             "finite": _all_finite(new, losses_WxR)}
+             "finite": _all_finite(new, losses_WxR), "subnets": subnets_W}
   return {"params": new, "opt_state": opt_state, "outer_state": outer_state}, metrics
 
 
-def _twist_round(ctx: RoundContext, worker_fn):
-  run_workers = parallel.map_over_workers(worker_fn, ctx.mesh, in_axes=(None, None, 0, 0, None))
-
-  @jax.jit
-  def round_fn(state, subnets_W, batches_WxRxBxLp1, step0):
-    values_W, hold_W, opt_W, losses_WxR = run_workers(
-        state["params"], state["opt_state"], subnets_W, batches_WxRxBxLp1, step0)
-    return _merge(ctx, state, values_W, hold_W, opt_W,
-                  _replicate(ctx.mesh, losses_WxR))
-  return round_fn
-
-
-def true_round(ctx: RoundContext):
-  return _twist_round(ctx, _true_worker(ctx))
+def full_workers_per_device(ctx: RoundContext) -> int:
+  """Each device runs the same number of full workers (one SPMD program): k / devices."""
+  n = ctx.mesh.devices.size
+  k, rest = ctx.full_workers, ctx.spec.workers - ctx.full_workers
+  if k % n or rest % n:
+    raise ConfigError("twist.full_workers", f"got {k} of {ctx.spec.workers} workers on {n} "
+                      f"devices; full and subnet workers must each be a multiple of {n} (set "
+                      f"twist.full_workers to a multiple of {n}, or twist.devices)")
+  return k // n
 
 
-def masked_round(ctx: RoundContext):
-  return _twist_round(ctx, _masked_worker(ctx))
+def _mesh_round(ctx: RoundContext, worker_fn, physical: bool):
+  """The un-jitted round body of true / masked: every worker on the mesh, one psum per tree."""
+  run = parallel.sum_over_workers(
+      _local_sums(ctx, worker_fn, physical, full_workers_per_device(ctx)), ctx.mesh,
+      in_axes=(None, None, 0, 0, None))
+
+  def body(state, subnets_W, batches_WxRxBxLp1, step0):
+    sums, losses_WxR = run(state["params"], state["opt_state"], subnets_W, batches_WxRxBxLp1,
+                           step0)
+    return _finish(ctx, state, sums, _replicate(ctx.mesh, losses_WxR),
+                   _replicate(ctx.mesh, subnets_W))
+  return body
 
 
-def hybrid_round(ctx: RoundContext):
-  """Worker 0 trains masked on the central device; workers 1..S-1 train physical subnets on the
-  other devices (the same device when there is one), dispatched concurrently."""
-  devices = list(ctx.mesh.devices.flat)
-  central = devices[0]
-  rest = devices[1:] or devices
-  n_phys = ctx.spec.workers - 1
-  sub_mesh = parallel.make_mesh(
-      parallel.device_count_for(max(n_phys, 1), available=len(rest)), rest)
-  run_masked = jax.jit(_masked_worker(ctx))
-  run_true = jax.jit(parallel.map_over_workers(_true_worker(ctx), sub_mesh,
-                                               in_axes=(None, None, 0, 0, None)))
-  cat = lambda a, b: jax.tree.map(lambda x, y: jnp.concatenate([x[None], y]), a, b)
-  merge = jax.jit(lambda state, out0, outs: _merge(ctx, state, *cat(out0, outs)))
-
-  def round_fn(state, subnets_W, batches_WxRxBxLp1, step0):
-    state = jax.device_put(state, central)
-    first = lambda t: jax.tree.map(lambda x: jax.device_put(x[0], central), t)
-    out0 = run_masked(state["params"], state["opt_state"], first(subnets_W),
-                      first(batches_WxRxBxLp1), jax.device_put(step0, central))
-    if n_phys == 0:
-      return merge(state, out0, jax.tree.map(lambda x: x[None][:0], out0))
-    # Dispatcher: central params to the workers' devices; results back to the central device.
-    rep, split = parallel.replicated(sub_mesh), parallel.worker_sharded(sub_mesh)
-    rest_of = lambda t: jax.device_put(jax.tree.map(lambda x: x[1:], t), split)
-    outs = run_true(jax.device_put(state["params"], rep), jax.device_put(state["opt_state"], rep),
-                    rest_of(subnets_W), rest_of(batches_WxRxBxLp1), jax.device_put(step0, rep))
-    return merge(state, out0, jax.device_put(outs, central))
-  return round_fn
-
-
-def ddp_round(ctx: RoundContext):
+def _ddp_body(ctx: RoundContext):
   """Data parallel: every step's gradient is averaged over all W shards (R steps per call)."""
   def loss_fn(p, batch_wxBxLp1, masks):
     return jnp.mean(jax.vmap(lambda b: lm_loss(p, ctx.model, b))(batch_wxBxLp1))
@@ -172,14 +225,101 @@ def ddp_round(ctx: RoundContext):
   run = jax.shard_map(device_fn, mesh=ctx.mesh, in_specs=(P(), P(), P(parallel.AXIS), P()),
                       out_specs=(P(), P(), P(parallel.AXIS)), check_vma=False)
 
-  @jax.jit
-  def round_fn(state, subnets_W, batches_WxRxBxLp1, step0):
-    del subnets_W  # the dense model has no subnets
+  def body(state, subnets_W, batches_WxRxBxLp1, step0):
     params, opt_state, losses = run(state["params"], state["opt_state"], batches_WxRxBxLp1, step0)
-    losses = _replicate(ctx.mesh, losses)
+    losses, outer_state = _replicate(ctx.mesh, losses), state["outer_state"]
+    if ctx.outer is not None:  # a look-ahead step on the change over the R steps (DiLoCo)
+      params, outer_state = aggregate.apply_outer(ctx.outer, outer_state, state["params"], params)
     metrics = {"loss": losses, "delta_norm": aggregate.delta_norm(state["params"], params),
-               "finite": _all_finite(params, losses)}
-    return {"params": params, "opt_state": opt_state, "outer_state": state["outer_state"]}, metrics
+               "finite": _all_finite(params, losses), "subnets": subnets_W}
+    return {"params": params, "opt_state": opt_state, "outer_state": outer_state}, metrics
+  return body
+
+
+# ---- the round factories ---------------------------------------------------------------------
+
+
+def _sample(ctx: RoundContext, key, step0, local_steps_r: int):
+  """Round r = step0 // R draws its subnets from fold_in(key, r) (the trainer's contract).
+  `key` is a typed PRNG key or its raw uint32 data (what several processes can all pass in)."""
+  if ctx.spec is None:
+    return {}
+  if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    key = jax.random.wrap_key_data(key)
+  return subnets.sample_subnets(jax.random.fold_in(key, step0 // local_steps_r), ctx.spec)
+
+
+def _jitted(ctx: RoundContext, body, sampling: bool):
+  """jit of the round body, donating the state it replaces; with `sampling` the second
+  argument is a PRNG key and the subnets are drawn inside the compiled call."""
+  if not sampling:
+    return jax.jit(body, donate_argnums=0)
+
+  def sampled(state, key, batches_WxRxBxLp1, step0):
+    subs = _sample(ctx, key, step0, batches_WxRxBxLp1.shape[1])
+    return body(state, subs, batches_WxRxBxLp1, step0)
+  return jax.jit(sampled, donate_argnums=0)
+
+
+def ddp_round(ctx: RoundContext, sampling: bool = False):
+  return _jitted(ctx, _ddp_body(ctx), sampling)
+
+
+def true_round(ctx: RoundContext, sampling: bool = False):
+  return _jitted(ctx, _mesh_round(ctx, _true_worker(ctx), physical=True), sampling)
+
+
+def masked_round(ctx: RoundContext, sampling: bool = False):
+  return _jitted(ctx, _mesh_round(ctx, _masked_worker(ctx), physical=False), sampling)
+
+
+def hybrid_round(ctx: RoundContext, sampling: bool = False):
+  """Worker 0 trains masked on the central device; workers 1..S-1 train physical subnets on the
+  other devices (the same device when there is one), dispatched concurrently. The physical
+  workers' sums are combined on their sub-mesh and make one transfer to the central device."""
+  devices = list(ctx.mesh.devices.flat)
+  central = devices[0]
+  rest = devices[1:] or devices
+  n_phys = ctx.spec.workers - 1
+  sub_mesh = parallel.make_mesh(
+      parallel.device_count_for(max(n_phys, 1), available=len(rest)), rest)
+  one = lambda t: jax.tree.map(lambda x: x[None], t)
+  masked_sums = _local_sums(ctx, _masked_worker(ctx), physical=False,
+                            full_local=ctx.full_workers)  # 0, or 1: worker 0 is the full one
+  run_masked = jax.jit(lambda p, o, s, b, t: masked_sums(p, o, one(s), one(b), t))
+  run_true = jax.jit(parallel.sum_over_workers(_local_sums(ctx, _true_worker(ctx), True),
+                                               sub_mesh, in_axes=(None, None, 0, 0, None)))
+  add = lambda a, b: jax.tree.map(jnp.add, a, b)
+
+  @functools.partial(jax.jit, donate_argnums=0)
+  def merge(state, sums0, losses0, sums_rest, losses_rest, subnets_W):
+    sums = add(sums0, sums_rest) if sums_rest is not None else sums0
+    losses = losses0 if losses_rest is None else jnp.concatenate([losses0, losses_rest])
+    return _finish(ctx, state, sums, losses, subnets_W)
+
+  sample = jax.jit(lambda key, step0, r: _sample(ctx, key, step0, r), static_argnums=2)
+
+  def round_fn(state, subnets_or_key, batches_WxRxBxLp1, step0):
+    state, step0 = jax.device_put(state, central), jax.device_put(step0, central)
+    subnets_W = (sample(jax.device_put(subnets_or_key, central), step0,
+                        batches_WxRxBxLp1.shape[1]) if sampling
+                 else jax.device_put(subnets_or_key, central))
+    first = lambda t: jax.tree.map(lambda x: jax.device_put(x[0], central), t)
+    sums0, losses0 = run_masked(state["params"], state["opt_state"], first(subnets_W),
+                                first(batches_WxRxBxLp1), step0)
+    if n_phys == 0:
+      return merge(state, sums0, losses0, None, None, subnets_W)
+    # Dispatcher: central params to the workers' devices; their summed changes come back once.
+    rep, split = parallel.replicated(sub_mesh), parallel.worker_sharded(sub_mesh)
+    rest_of = lambda t: jax.device_put(jax.tree.map(lambda x: x[1:], t), split)
+    sums_rest, losses_rest = run_true(
+        jax.device_put(state["params"], rep), jax.device_put(state["opt_state"], rep),
+        rest_of(subnets_W), rest_of(batches_WxRxBxLp1), jax.device_put(step0, rep))
+    return merge(state, sums0, losses0, jax.device_put(sums_rest, central),
+                 jax.device_put(losses_rest, central), subnets_W)
+  round_fn.jitted = (run_masked, merge) + ((run_true,) if n_phys else ()) + (
+      (sample,) if sampling else ())
+  round_fn.physical = (run_true, sub_mesh) if n_phys else None  # for benchmarks
   return round_fn
 
 
@@ -188,5 +328,11 @@ FACTORIES = {"ddp": ddp_round, "true": true_round, "masked": masked_round,
 
 
 def make_round(variant: str, ctx: RoundContext):
-  """The round function of `variant` (one of FACTORIES)."""
+  """fn(state, subnets_W, batches, step0) -> (state, metrics) of `variant` (one of FACTORIES)."""
   return FACTORIES[variant](ctx)
+
+
+def make_sampling_round(variant: str, ctx: RoundContext):
+  """fn(state, key, batches, step0): as `make_round`, with round step0 // R's subnets drawn
+  inside the compiled call from fold_in(key, step0 // R) and returned in metrics['subnets']."""
+  return FACTORIES[variant](ctx, sampling=True)

@@ -85,7 +85,7 @@ def make_tokenizer(spec: DataSpec, corpus: _Corpus):
   if spec.tokenizer == 'bytes':
     return tokenizers.BytesTokenizer()
   if spec.tokenizer == 'gpt2':
-    return tokenizers.gpt2()
+    return tokenizers.gpt2(spec.gpt2_bpe_dir)
   return tokenizers.bpe(str(corpus.folder / 'tokenizer.json'), spec.bpe_vocab_size,
                         lambda: corpus.texts('train'))
 

@@ -31,6 +31,7 @@ class DataSpec:
   manual_dir: str = ''
   text_feature: str = 'text'
   max_train_bytes: int = 0
+  gpt2_bpe_dir: str = ''  # local folder with GPT-2's vocab.bpe + encoder.json ('' = tiktoken)
 
 
 def spec_from_config(cfg) -> DataSpec:

@@ -1,0 +1,185 @@
+"""Training levers (sandwich workers, in-place distillation, outer step for DDP, nested core,
+balanced coverage, dense warm-up) against Python-loop, hand-checked and run-level references."""
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from twist_jax import aggregate, config as config_lib, subnets, train, variants
+from twist_jax.errors import ConfigError
+from twist_jax.model import ModelConfig, distill_loss, init_params, lm_loss
+from twist_jax.subnets import SubnetConfig
+
+from test_variants import MODEL, R, W, assert_trees_close, inputs, make_ctx
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def with_levers(ctx, **kw):
+  import dataclasses
+  return dataclasses.replace(ctx, **kw)
+
+
+def one_round(ctx, variant, seed=0):
+  params = init_params(MODEL, jax.random.key(42))
+  batches, subs = inputs(seed, W, ctx.spec)
+  state, metrics = variants.make_round(variant, ctx)(
+      variants.init_state(ctx, jax.tree.map(jnp.copy, params)), subs, batches, jnp.int32(0))
+  return params, batches, subs, jax.device_get(state), np.asarray(metrics["loss"])
+
+
+def loop_worker(ctx, params, loss_fn, batches_RxBxLp1):
+  """R optimizer steps in a Python loop (the reference for one worker)."""
+  p, s, losses = params, ctx.tx.init(params), []
+  for r in range(R):
+    loss, g = jax.value_and_grad(loss_fn)(p, batches_RxBxLp1[r])
+    u, s = ctx.tx.update(g, s, p)
+    p = optax.apply_updates(p, jax.tree.map(lambda x: -ctx.lr_fn(r) * x, u))
+    losses.append(float(loss))
+  return p, losses
+
+
+def test_all_full_workers_is_local_sgd():
+  ctx = with_levers(make_ctx(opt_state="reset"), full_workers=W)
+  params, batches, _, state, losses = one_round(ctx, "true")
+  outs = [loop_worker(ctx, params, lambda p, b: lm_loss(p, MODEL, b), batches[w])
+          for w in range(W)]
+  mean = jax.tree.map(lambda *xs: np.mean(np.stack(xs), 0), *[p for p, _ in outs])
+  assert_trees_close(state["params"], mean, 2e-5)
+  np.testing.assert_allclose(losses, [l for _, l in outs], atol=2e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("levers", [dict(full_workers=1), dict(distill=0.5),
+                                    dict(full_workers=2, distill=0.3, distill_temperature=2.0)])
+def test_masked_equals_true_with_levers(levers):
+  a = one_round(with_levers(make_ctx(), **levers), "true")
+  b = one_round(with_levers(make_ctx(), **levers), "masked")
+  np.testing.assert_allclose(a[4], b[4], atol=2e-5)
+  assert_trees_close(a[3]["params"], b[3]["params"], 2e-5)
+  plain = one_round(make_ctx(), "true")
+  assert np.abs(plain[4] - a[4]).max() > 1e-4  # the lever changed the run
+
+
+def test_distillation_teacher_is_the_round_start_model():
+  ctx = with_levers(make_ctx(opt_state="reset"), distill=0.5, distill_temperature=2.0)
+  params, batches, subs, state, losses = one_round(ctx, "true")
+  small_cfg = subnets.subnet_model_config(MODEL, ctx.spec)
+  for w in range(W):
+    sub = jax.tree.map(lambda x: x[w], subs)
+    small = subnets.extract_subnet(params, sub, ctx.spec)
+    loss_fn = lambda p, b: distill_loss(p, small_cfg, params, MODEL, b, 0.5, 2.0)
+    _, ref = loop_worker(ctx, small, loss_fn, batches[w])
+    np.testing.assert_allclose(losses[w], ref, atol=2e-5)
+
+
+def test_ddp_outer_nesterov_is_a_look_ahead_on_the_round_change():
+  plain_ctx = make_ctx(devices=2)
+  outer_ctx = with_levers(plain_ctx, outer=aggregate.outer_optimizer(0.7, 0.9))
+  start, _, _, plain, _ = one_round(plain_ctx, "ddp")
+  _, _, _, outer, _ = one_round(outer_ctx, "ddp")
+  # First outer step of Nesterov SGD: update = lr * (1 + momentum) * (start - after).
+  expect = jax.tree.map(lambda s, a: np.asarray(s) - 0.7 * 1.9 * (np.asarray(s) - a), start,
+                        plain["params"])
+  assert_trees_close(outer["params"], expect, 1e-6)
+
+
+CFG = ModelConfig.uniform(n_layer=2, n_head=8, n_embd=32, vocab_size=32, n_positions=8)
+
+
+def spec_for(sampler="cover", kappa=0.5, workers=4, core=0.0, mode="attn_mlp"):
+  return subnets.make_spec(CFG, SubnetConfig(mode, (kappa,) * 2, (), sampler, "mean", core),
+                           workers)
+
+
+@pytest.mark.parametrize("sampler", ["cover", "uniform", "balanced"])
+def test_core_units_are_in_every_subnet(sampler):
+  spec = spec_for(sampler, kappa=0.5, core=0.3)  # ceil(0.3 * 8) = 3 heads, ceil(0.3 * 128) = 39
+  for seed in range(3):
+    sub = subnets.sample_subnets(jax.random.key(seed), spec)
+    for kind, core in (("head", 3), ("unit", 39)):
+      idx = np.asarray(sub["h_0"][kind])
+      assert (idx[:, :core] == np.arange(core)).all()
+      assert all(len(set(row)) == len(row) for row in idx.tolist())
+      assert (idx[:, core:] >= core).all()
+  draws = np.stack([np.asarray(subnets.sample_subnets(jax.random.key(s), spec)["h_0"]["head"])
+                    for s in range(40)])
+  assert len(np.unique(draws[..., 3:].reshape(-1))) == 5  # the rest varies over all others
+
+
+def test_core_larger_than_a_subnet_is_refused():
+  with pytest.raises(ConfigError, match=r"subnet\.core.*layer 0"):
+    spec_for(kappa=0.25, core=0.5)  # 4 core heads > 2 kept
+
+
+@pytest.mark.parametrize("kappa,workers", [(0.5, 4), (0.25, 3), (0.375, 3), (0.75, 2)])
+def test_balanced_holder_counts_are_exact(kappa, workers):
+  spec = spec_for("balanced", kappa, workers)
+  for seed in range(4):
+    sub = subnets.sample_subnets(jax.random.key(seed), spec)
+    for kind, total in (("head", 8), ("unit", 128)):
+      idx = np.asarray(sub["h_1"][kind])
+      m = idx.shape[1]
+      counts = np.bincount(idx.ravel(), minlength=total)
+      lo = workers * m // total
+      assert counts.min() >= lo and counts.max() <= lo + 1 and counts.sum() == workers * m
+      assert all(len(set(row)) == len(row) for row in idx.tolist())
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("twist.full_workers", -1, "full_workers"), ("twist.full_workers", 5, "0..twist.workers"),
+    ("twist.distill", 1.5, r"\[0, 1\]"), ("twist.distill_temperature", 0.0, "> 0"),
+    ("twist.dense_steps", 7, "multiple"), ("subnet.core", 1.0, r"\[0, 1\)")])
+def test_bad_lever_values_are_refused(field, value, needle):
+  c = config_lib.default_config()
+  c.twist.variant = "true"
+  section, name = field.split(".")
+  c[section][name] = value
+  with pytest.raises(ConfigError, match=needle):
+    config_lib.from_configdict(c)
+
+
+def _smoke(tmp, name, **twist):
+  c = config_lib.default_config()
+  c.model.update(n_layer=2, n_head=4, n_embd=32, context=16)
+  c.data.update(batch_size=2, max_train_bytes=60_000, data_dir=str(tmp / "data"))
+  c.twist.update(variant="true", workers=2, local_steps=3, **twist)
+  c.subnet.update(mode="attn_mlp")
+  c.steps, c.eval.every, c.ckpt.every, c.ckpt.keep = 9, 9, 3, 10
+  c.eval.max_windows, c.log.progress = 4, False
+  c.eval.golden_samples = 0
+  return config_lib.from_configdict(c), str(tmp / name)
+
+
+def _metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(l) for l in f if '"loss"' in l]
+
+
+@pytest.mark.slow
+def test_dense_warm_up_is_ddp_then_twist_and_resumes_across_the_switch(tmp_path):
+  cfg, wd = _smoke(tmp_path, "warm", dense_steps=3)
+  train.train(cfg, wd)
+  ddp_cfg, ddp_wd = _smoke(tmp_path, "ddp")
+  ddp_cfg = config_lib.from_dict(dict(config_lib.to_dict(ddp_cfg),
+                                      twist=dict(config_lib.to_dict(ddp_cfg)["twist"],
+                                                 variant="ddp")))
+  train.train(ddp_cfg, ddp_wd)
+  warm, ddp = _metrics(wd), _metrics(ddp_wd)
+  assert warm[0]["loss"] == pytest.approx(ddp[0]["loss"], abs=1e-6)  # round 1: the same DDP
+  assert "coverage_head_min" not in warm[0] and "coverage_head_min" in warm[1]
+  assert warm[1]["loss"] != pytest.approx(ddp[1]["loss"], abs=1e-4)  # then TwIST
+  # Resume from the checkpoint at the switch (step 3): the rest of the run is reproduced.
+  again = str(tmp_path / "again")
+  shutil.copytree(wd, again)
+  for step in ("6", "9"):
+    shutil.rmtree(os.path.join(again, "checkpoints", step))
+  train.train(cfg, again)
+  np.testing.assert_allclose([r["loss"] for r in _metrics(again)],
+                             [r["loss"] for r in warm], atol=1e-6)
