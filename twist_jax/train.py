@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from twist_jax import aggregate, checkpoint, config as config_lib, data, evaluate, parallel
+from twist_jax import aggregate, checkpoint, config as config_lib, data, evaluate, files
+from twist_jax import parallel
 from twist_jax import subnets, variants, worker
 from twist_jax.errors import ConfigError, DivergenceError
 from twist_jax.model import ModelConfig, flops_per_token, init_params
@@ -99,13 +100,6 @@ def build(cfg: config_lib.Config, workdir: str) -> Run:
 # ---- workdir files -------------------------------------------------------------------------------
 
 
-def _write_json_atomic(path: str, obj) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
-
-
 def _check_resume_config(workdir: str, resolved: dict) -> None:
   """Resuming a workdir with another config is refused, naming the fields that differ."""
   path = os.path.join(workdir, "config.json")
@@ -122,7 +116,7 @@ def _check_resume_config(workdir: str, resolved: dict) -> None:
   # its default (the old run behaved as that default).
   defaults = as_json(config_lib.to_dict(config_lib.from_configdict(config_lib.default_config())))
   allowed = {"steps", "log.progress", "eval.every", "ckpt.every", "ckpt.keep", "log.every",
-             "data.gpt2_bpe_dir"}
+             "data.gpt2_bpe_dir", "eval.golden_kappas", "eval.golden_samples"}
   diff = sorted(k for k in set(a) | set(b)
                 if a.get(k, defaults.get(k)) != b.get(k) and k not in allowed)
   if diff:
@@ -159,10 +153,7 @@ class MetricsLog:
           keep.append(ln)
       except json.JSONDecodeError:
         break  # a torn last line from a crash
-    tmp = self.path + ".tmp"
-    with open(tmp, "w") as f:
-      f.writelines(keep)
-    os.replace(tmp, self.path)
+    files.write_text(self.path, "".join(keep))
 
   def write(self, record: dict) -> None:
     if not self.enabled:
@@ -378,7 +369,7 @@ def train(cfg: config_lib.Config, workdir: str) -> dict:
   run = build(cfg, workdir)
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
-    _write_json_atomic(os.path.join(workdir, "config.json"), resolved)
+    files.write_json(os.path.join(workdir, "config.json"), resolved, sort_keys=True)
   n_params = run.model.num_params()
   if jax.process_index() == 0:
     print(f"twist_jax: {cfg.twist.variant} | model {n_params / 1e6:.2f}M params, "
