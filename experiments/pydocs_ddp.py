@@ -1,7 +1,9 @@
-"""DDP baseline on the built-in Python-docs corpus, CPU-sized (a few minutes on 2 cores).
+"""DDP baseline on the built-in Python-docs corpus, CPU-sized (a few minutes on 2 cores): the
+main job's contrast, with its model, data, steps and optimizer.
 
   python launch.py --config experiments/pydocs_ddp.py --workdir runs/pydocs_ddp
   python launch.py --config experiments/pydocs_ddp.py:smoke --workdir /tmp/smoke   # seconds
+  python -m twist_jax.evaluate --workdir runs/pydocs_attn --compare runs/pydocs_ddp  # vs TwIST
 """
 
 from twist_jax.config import default_config
@@ -13,7 +15,9 @@ def get_config(arg=None):
   c.twist.variant = "ddp"
   c.twist.workers = 4  # data-parallel shards (global batch = workers * data.batch_size)
   c.twist.local_steps = 15  # steps per compiled call; DDP averages gradients every step
-  c.steps = 900
+  c.steps = 480  # the main job's steps, learning rate and warm-up (experiments/pydocs_attn.py)
+  c.opt.lr = 5e-3
+  c.opt.warmup_steps = 30
   if arg == "smoke":
     smoke(c)
   elif arg is not None:
