@@ -192,7 +192,9 @@ def test_one_decode_compile_across_prompts_lengths_and_settings(params):
 def test_zero_new_tokens_and_errors(params):
   np.testing.assert_array_equal(generate.sample(params, CFG, prompt(4), jax.random.key(0), 0),
                                 prompt(4))
-  for kw, match in ((dict(prompt_ids=[]), "empty"), (dict(max_new_tokens=-1), "max-new-tokens"),
+  for kw, match in ((dict(prompt_ids=[]), "empty"),
+                    (dict(prompt_ids=np.zeros((1, 2, 3))), "shape"),
+                    (dict(max_new_tokens=-1), "max-new-tokens"),
                     (dict(temperature=-1.0), "temperature"), (dict(top_k=257), "top-k")):
     args = {**dict(prompt_ids=prompt(3), max_new_tokens=2, temperature=1.0, top_k=0), **kw}
     with pytest.raises(UserError, match=match):

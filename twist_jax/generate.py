@@ -126,7 +126,9 @@ def sample(params, cfg: ModelConfig, prompt_ids, key: jax.Array, max_new_tokens:
   """
   ids = np.asarray(prompt_ids, np.int32)
   ids_BxL = ids.reshape(1, -1) if ids.ndim == 1 else ids
-  if ids_BxL.ndim != 2 or ids_BxL.shape[1] == 0:
+  if ids_BxL.ndim != 2:
+    raise UserError(f"prompt_ids: got shape {ids.shape}; must be (L,) or (B, L)")
+  if ids_BxL.shape[1] == 0:
     raise UserError("the prompt is empty: give at least one token")
   _check(max_new_tokens, temperature, top_k, cfg.vocab_size)
   t0 = time.perf_counter()

@@ -7,7 +7,7 @@ so the float32 (B, L, V) logits never exist at once) and a KV-cached decode path
 `decode`) over the same parameters.
 
 Dimension alphabet: B batch, L length, D model width, H heads, K head dim, F MLP width,
-V vocab, N layers, P positions.
+V vocab, N layers, P positions, C loss chunk, T new positions.
 """
 
 import dataclasses
