@@ -178,6 +178,8 @@ def _config(s: dict, arm: Arm, steps: int, dense_steps: int, base_dir: str):
       continue
     (c.subnet if field in _SUBNET_FIELDS else c.twist)[field] = value
   c.twist.dense_steps = dense_steps
+  if c.twist.full_workers:  # full and subnet workers must each split evenly over the devices
+    c.twist.devices = 1
   r = s["local_steps"]
   c.eval.every = r * max(1, steps // (6 * r))  # about six points on the loss-vs-FLOPs curve
   c.eval.golden_samples = 0
@@ -481,7 +483,7 @@ _ORDER = ("A0", "A0'", "A1", "B0", "B1", "B2", "B3", "B4", "B5", "B6", "B7", "B*
 def _what(label: str, r: dict) -> str:
   fixed = {"A0": "DDP", "A0'": "DDP + outer Nesterov 0.7/0.9",
            "A1": "dense model of the kappa=0.5 subnet's size, from scratch", "B0": "TwIST",
-           "B*": f"TwIST + {r['bstar']['winners'] or 'no lever (= B0)'}",
+           "B*": "TwIST + " + (" + ".join(r["bstar"]["winners"]) or "no lever (= B0)"),
            "B*-scratch": "B* from scratch"}
   return fixed.get(label) or f"TwIST + {LEVERS[label][1]}"
 
