@@ -1,8 +1,8 @@
 """Training levers at CPU scale: which changes to TwIST fine-tuning close the gap between its
 random subnets and a dense model of the subnet's size, at equal analytic training FLOPs.
 
-  python -m twist_jax.levers --out results/levers            # ~90 min on 2 idle CPU cores
-  python -m twist_jax.levers --out /tmp/levers --quick       # every arm at a tiny budget
+  python -m twist_jax.levers --out results/levers            # sized for ~90 min on 2 idle cores
+  python -m twist_jax.levers --out /tmp/levers --quick       # every arm at a tiny budget, 1 seed
 
 One DDP base (comparison.py's pretraining stage) is fine-tuned by every arm: A0 DDP, A0' DDP +
 outer Nesterov, B0 TwIST, B1..B6 one lever each, B7 = B1 + B2, B* = the levers whose arm beat B0
