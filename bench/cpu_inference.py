@@ -287,8 +287,8 @@ def bench_size(shape: dict) -> dict:
 def _notes(sizes, table) -> str:
   lengths = "; ".join(f"{s}: prompt {table[s]['prompt']}, decode {table[s]['decode_new']} "
                       f"tokens after {table[s]['decode_prompt']}" for s in sizes)
-  short = (" (xl: short prompt and 64 decoded tokens, so the run fits in minutes on 2 cores; "
-           "all 48 layers)" if "xl" in sizes else "")
+  short = (f" (xl: short prompt and {table['xl']['decode_new']} decoded tokens, so the run fits "
+           f"in minutes on 2 cores; {table['xl']['n_layer']} layers)" if "xl" in sizes else "")
   return f"{lengths}{short}; forward FLOPs count the LM head at every position"
 
 
@@ -296,8 +296,14 @@ def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--sizes", default="124m,xl", help="comma-separated: 124m, xl")
   p.add_argument("--quick", action="store_true", help="tiny shapes (a CPU test in seconds)")
+  p.add_argument("--xl-layers", type=int, default=0,
+                 help="blocks of the xl shape (0 = all 48); fewer when 48 do not fit in memory")
   args = p.parse_args(argv)
   table = QUICK if args.quick else SIZES
+  if args.xl_layers < 0:
+    p.error(f"--xl-layers: got {args.xl_layers}; must be >= 1 (0 = the full depth)")
+  if args.xl_layers:
+    table = dict(table, xl=dict(table["xl"], n_layer=args.xl_layers))
   sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
   unknown = [s for s in sizes if s not in table]
   if unknown or not sizes:
