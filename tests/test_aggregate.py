@@ -55,10 +55,10 @@ def test_scatter_add_and_counts_equal_per_worker_scatters(mode, kappa, shared):
       subnets.extract_subnet(random_params(CFG, 10 + w), jax.tree.map(lambda x: x[w], subs),
                              spec) for w in range(W)])
   vals, masks = per_worker_reference(small_W, subs, spec, central)
-  got_sum = subnets.scatter_add(small_W, subs, spec, central)
+  got_sum = aggregate.scatter_add(small_W, subs, spec, central)
   chex.assert_trees_all_close(got_sum, jax.tree.map(lambda v: v.sum(0), vals), rtol=1e-6,
                               atol=1e-6)
-  counts = subnets.leaf_counts(subnets.unit_counts(subs, spec), spec, central, W)
+  counts = aggregate.leaf_counts(aggregate.unit_counts(subs, spec), spec, central, W)
   full = jax.tree.map(lambda c, x: np.broadcast_to(np.asarray(c), x.shape), counts, central)
   chex.assert_trees_all_equal(full, jax.tree.map(lambda m: m.sum(0), masks))
   # Holder counts must vary between entries (and reach 2+), or the test proves little.
@@ -75,8 +75,8 @@ def test_mean_of_holders_equals_numpy_loop(mode, kappa, shared):
       subnets.extract_subnet(thetas[w], jax.tree.map(lambda x: x[w], subs), spec)
       for w in range(W)])
   central_small = jax.vmap(lambda s: subnets.extract_subnet(central, s, spec))(subs)
-  changes = subnets.scatter_add(aggregate.changes(small_W, central_small), subs, spec, central)
-  counts = subnets.leaf_counts(subnets.unit_counts(subs, spec), spec, central, W)
+  changes = aggregate.scatter_add(aggregate.changes(small_W, central_small), subs, spec, central)
+  counts = aggregate.leaf_counts(aggregate.unit_counts(subs, spec), spec, central, W)
   got = jax.jit(aggregate.mean_of_holders)(central, changes, counts)
   vals, masks = per_worker_reference(small_W, subs, spec, central)
   for g, c, v, m in zip(jax.tree.leaves(got), jax.tree.leaves(central), jax.tree.leaves(vals),
@@ -87,7 +87,7 @@ def test_mean_of_holders_equals_numpy_loop(mode, kappa, shared):
 def test_unheld_entries_keep_central_idempotent_and_dtype():
   spec, central = spec_for("attn_mlp"), random_params(CFG, 0)
   subs = subnets.sample_subnets(jax.random.key(3), spec)
-  counts = subnets.leaf_counts(subnets.unit_counts(subs, spec), spec, central, W)
+  counts = aggregate.leaf_counts(aggregate.unit_counts(subs, spec), spec, central, W)
   zero = jax.tree.map(jnp.zeros_like, central)
   chex.assert_trees_all_equal(aggregate.mean_of_holders(central, zero, counts), central)
   half = jax.tree.map(lambda x: x.astype(jnp.bfloat16), central)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from twist_jax import subnets
+from twist_jax import aggregate, subnets
 from twist_jax.config import SubnetConfig
 from twist_jax.errors import ConfigError
 from twist_jax.model import ModelConfig, init_params
@@ -160,7 +160,7 @@ def test_unit_masks_agree_with_one_workers_holder_counts():
   params = init_params(CFG, jax.random.key(0))
   sub = jax.tree.map(lambda x: x[1], subnets.sample_subnets(jax.random.key(4), spec))
   one = jax.tree.map(lambda x: x[None], sub)
-  hold = subnets.leaf_counts(subnets.unit_counts(one, spec), spec, params, 1)
+  hold = aggregate.leaf_counts(aggregate.unit_counts(one, spec), spec, params, 1)
   hold = jax.tree.map(lambda h, p: np.broadcast_to(np.asarray(h), p.shape), hold, params)
   masks = subnets.unit_masks(sub, spec)
   for i in range(CFG.n_layer):

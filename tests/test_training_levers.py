@@ -183,3 +183,18 @@ def test_dense_warm_up_is_ddp_then_twist_and_resumes_across_the_switch(tmp_path)
   train.train(cfg, again)
   np.testing.assert_allclose([r["loss"] for r in _metrics(again)],
                              [r["loss"] for r in warm], atol=1e-6)
+
+
+def test_workdirs_made_before_the_levers_still_resume(tmp_path):
+  cfg, _ = _smoke(tmp_path, "x")
+  old = config_lib.to_dict(cfg)
+  for section, name in (("twist", "full_workers"), ("twist", "distill"), ("subnet", "core"),
+                        ("twist", "dense_steps"), ("twist", "distill_temperature")):
+    del old[section][name]
+  with open(tmp_path / "config.json", "w") as f:
+    json.dump(old, f)
+  train._check_resume_config(str(tmp_path), config_lib.to_dict(cfg))  # defaults: the same run
+  changed = config_lib.to_dict(config_lib.from_dict(dict(
+      config_lib.to_dict(cfg), twist=dict(config_lib.to_dict(cfg)["twist"], distill=0.5))))
+  with pytest.raises(ConfigError, match="twist.distill"):
+    train._check_resume_config(str(tmp_path), changed)

@@ -334,28 +334,28 @@ def unit_masks(subnet, spec: SubnetSpec):
 # ---- extract / scatter ---------------------------------------------------------------------------
 
 
-def _view(x, dim: int, pre: int, units: int):
+def unit_view(x, dim: int, pre: int, units: int):
   """Reshape so that the unit axis is explicit; returns (view, unit axis)."""
   post = x.shape[dim] // (pre * units)
   return x.reshape(x.shape[:dim] + (pre, units, post) + x.shape[dim + 1:]), dim + 1
 
 
-def _get(tree, path):
+def get_path(tree, path):
   for k in path:
     tree = tree[k]
   return tree
 
 
-def _set(tree, path, value):
+def set_path(tree, path, value):
   """Copy of nested dict `tree` with `path` replaced (the input is not mutated)."""
   if not path:
     return value
   out = dict(tree)
-  out[path[0]] = _set(tree[path[0]], path[1:], value)
+  out[path[0]] = set_path(tree[path[0]], path[1:], value)
   return out
 
 
-def _leaf_rules(spec: SubnetSpec, layer: int):
+def leaf_rules(spec: SubnetSpec, layer: int):
   """(path, dim, pre, total units, kind) for every unit-bearing leaf of a partitioned layer."""
   rules = []
   if "head" in spec.unit_kinds:
@@ -365,35 +365,35 @@ def _leaf_rules(spec: SubnetSpec, layer: int):
   return rules
 
 
-def _blocks_kept(subnet, spec: SubnetSpec):
+def blocks_kept(subnet, spec: SubnetSpec):
   """Sorted layer ids a blocks-mode subnet keeps (shared blocks included)."""
   shared = [i for i in range(spec.n_layer) if i not in spec.partitioned]
   part = jnp.asarray(spec.partitioned, jnp.int32)[subnet["blocks"]]
   return jnp.sort(jnp.concatenate([jnp.asarray(shared, jnp.int32), part]))
 
 
-def _stack_blocks(tree, n):
+def stack_blocks(tree, n):
   return jax.tree.map(lambda *xs: jnp.stack(xs), *[tree[f"h_{i}"] for i in range(n)])
 
 
 def extract_subnet(params, subnet, spec: SubnetSpec):
   """Gathers one worker's smaller dense params (any params-shaped tree, e.g. Adam moments)."""
   if spec.mode == "blocks":
-    kept = _blocks_kept(subnet, spec)
-    stacked = jax.tree.map(lambda x: x[kept], _stack_blocks(params, spec.n_layer))
+    kept = blocks_kept(subnet, spec)
+    stacked = jax.tree.map(lambda x: x[kept], stack_blocks(params, spec.n_layer))
     out = {k: v for k, v in params.items() if not k.startswith("h_")}
     for j in range(spec.kept_layers()):
       out[f"h_{j}"] = jax.tree.map(lambda x, j=j: x[j], stacked)
     return out
   out = params
   for i in spec.partitioned:
-    for path, dim, pre, total, kind in _leaf_rules(spec, i):
-      full = _get(params, (f"h_{i}",) + path)
+    for path, dim, pre, total, kind in leaf_rules(spec, i):
+      full = get_path(params, (f"h_{i}",) + path)
       idx = subnet[f"h_{i}"][kind]
-      view, axis = _view(full, dim, pre, total)
+      view, axis = unit_view(full, dim, pre, total)
       small = jnp.take(view, idx, axis=axis)
       shape = full.shape[:dim] + (-1,) + full.shape[dim + 1:]
-      out = _set(out, (f"h_{i}",) + path, small.reshape(shape))
+      out = set_path(out, (f"h_{i}",) + path, small.reshape(shape))
   return out
 
 
@@ -403,9 +403,9 @@ def scatter_subnet(small, subnet, spec: SubnetSpec, like):
   `like` is a full-shaped tree (only its shapes and dtypes are used).
   """
   if spec.mode == "blocks":
-    kept = _blocks_kept(subnet, spec)
-    small_stack = _stack_blocks(small, spec.kept_layers())
-    full_stack = _stack_blocks(like, spec.n_layer)
+    kept = blocks_kept(subnet, spec)
+    small_stack = stack_blocks(small, spec.kept_layers())
+    full_stack = stack_blocks(like, spec.n_layer)
     vals = jax.tree.map(lambda z, s: jnp.zeros_like(z).at[kept].set(s), full_stack, small_stack)
     mask = jax.tree.map(lambda z: jnp.zeros_like(z).at[kept].set(1), full_stack)
     out_v = {k: v for k, v in small.items() if not k.startswith("h_")}
@@ -416,103 +416,16 @@ def scatter_subnet(small, subnet, spec: SubnetSpec, like):
     return out_v, out_m
   vals, mask = small, jax.tree.map(jnp.ones_like, small)
   for i in spec.partitioned:
-    for path, dim, pre, total, kind in _leaf_rules(spec, i):
-      full = _get(like, (f"h_{i}",) + path)
+    for path, dim, pre, total, kind in leaf_rules(spec, i):
+      full = get_path(like, (f"h_{i}",) + path)
       idx = subnet[f"h_{i}"][kind]
-      s_view, axis = _view(_get(small, (f"h_{i}",) + path), dim, pre, idx.shape[0])
+      s_view, axis = unit_view(get_path(small, (f"h_{i}",) + path), dim, pre, idx.shape[0])
       where = (slice(None),) * axis + (idx,)
-      z_view, _ = _view(jnp.zeros(full.shape, full.dtype), dim, pre, total)
-      vals = _set(vals, (f"h_{i}",) + path, z_view.at[where].set(s_view).reshape(full.shape))
-      mask = _set(mask, (f"h_{i}",) + path,
+      z_view, _ = unit_view(jnp.zeros(full.shape, full.dtype), dim, pre, total)
+      vals = set_path(vals, (f"h_{i}",) + path, z_view.at[where].set(s_view).reshape(full.shape))
+      mask = set_path(mask, (f"h_{i}",) + path,
                   z_view.at[where].set(1).reshape(full.shape))
   return vals, mask
-
-
-# ---- aggregation helpers: sums and holder counts without per-worker full-size trees ---------
-
-
-def unit_counts(subnets_W, spec: SubnetSpec):
-  """Holders per unit, from the indices alone: a bincount per layer and unit kind.
-
-  `{'h_i': {'head': (H,), 'unit': (F,)}}` or `{'blocks': (N,)}` (every layer, shared ones held
-  by all W), float32. Shared by params and both Adam moments; sums over devices with one psum.
-  """
-  if spec.mode == "blocks":
-    w = subnets_W["blocks"].shape[0]
-    kept_WxK = jax.vmap(lambda b: _blocks_kept({"blocks": b}, spec))(subnets_W["blocks"])
-    return {"blocks": _bincount(kept_WxK, spec.n_layer) if w else jnp.zeros(spec.n_layer)}
-  sizes = {"head": spec.n_head, "unit": spec.n_inner}
-  return {f"h_{i}": {kind: _bincount(subnets_W[f"h_{i}"][kind], sizes[kind][i])
-                     for kind in spec.unit_kinds} for i in spec.partitioned}
-
-
-def _bincount(idx, total: int):
-  return jnp.zeros((total,), jnp.float32).at[idx.reshape(-1)].add(1.0)
-
-
-def leaf_counts(counts, spec: SubnetSpec, like, workers: int):
-  """Params-shaped tree of holder counts, each broadcastable to its leaf (not full-sized).
-
-  A unit-bearing leaf gets its unit counts laid along the leaf's unit dim; shared leaves get
-  `workers` (all W hold them); in blocks mode each block's leaves get its layer's count.
-  """
-  total = jnp.float32(workers)
-  if spec.mode == "blocks":
-    out = jax.tree.map(lambda _: total, like)
-    for i in range(spec.n_layer):
-      out[f"h_{i}"] = jax.tree.map(lambda _, i=i: counts["blocks"][i], like[f"h_{i}"])
-    return out
-  out = jax.tree.map(lambda _: total, like)
-  for i in spec.partitioned:
-    for path, dim, pre, units, kind in _leaf_rules(spec, i):
-      leaf = _get(like, (f"h_{i}",) + path)
-      post = leaf.shape[dim] // (pre * units)
-      along_dim = jnp.broadcast_to(counts[f"h_{i}"][kind][None, :, None], (pre, units, post))
-      shape = [1] * leaf.ndim
-      shape[dim] = leaf.shape[dim]
-      out = _set(out, (f"h_{i}",) + path, along_dim.reshape(shape))
-  return out
-
-
-def scatter_add(small_W, subnets_W, spec: SubnetSpec, like):
-  """sum_w scatter(small_w): W workers' subnet-shaped trees added into one full-shaped tree.
-
-  One scatter-add per leaf over the workers' flattened indices; never W full-size trees.
-  Shared leaves are summed over W. `like` gives the full shapes.
-  """
-  if spec.mode == "blocks":
-    return _scatter_add_blocks(small_W, subnets_W, spec, like)
-  out = jax.tree.map(lambda x: jnp.sum(x, axis=0), small_W)
-  for i in spec.partitioned:
-    for path, dim, pre, total, kind in _leaf_rules(spec, i):
-      full = _get(like, (f"h_{i}",) + path)
-      idx_WxM = subnets_W[f"h_{i}"][kind]
-      w, m = idx_WxM.shape
-      s_view, axis = _view(_get(small_W, (f"h_{i}",) + path), dim + 1, pre, m)
-      # (W, ..., pre, M, post, ...) -> (..., pre, W*M, post, ...): workers join the unit axis.
-      s_view = jnp.moveaxis(s_view, 0, axis - 1)
-      s_view = s_view.reshape(s_view.shape[:axis - 1] + (w * m,) + s_view.shape[axis + 1:])
-      z_view, z_axis = _view(jnp.zeros(full.shape, s_view.dtype), dim, pre, total)
-      where = (slice(None),) * z_axis + (idx_WxM.reshape(-1),)
-      out = _set(out, (f"h_{i}",) + path, z_view.at[where].add(s_view).reshape(full.shape))
-  return out
-
-
-def _scatter_add_blocks(small_W, subnets_W, spec: SubnetSpec, like):
-  w = subnets_W["blocks"].shape[0]
-  kept_WxK = jax.vmap(lambda b: _blocks_kept({"blocks": b}, spec))(subnets_W["blocks"])
-  k = spec.kept_layers()
-  small_stack = jax.tree.map(lambda *xs: jnp.stack(xs, axis=1),
-                             *[small_W[f"h_{j}"] for j in range(k)])  # (W, K, ...)
-  full_stack = _stack_blocks(like, spec.n_layer)
-  summed = jax.tree.map(
-      lambda z, s: jnp.zeros(z.shape, s.dtype).at[kept_WxK.reshape(-1)].add(
-          s.reshape((w * k,) + s.shape[2:])), full_stack, small_stack)
-  out = {key: jax.tree.map(lambda x: jnp.sum(x, axis=0), v) for key, v in small_W.items()
-         if not key.startswith("h_")}
-  for i in range(spec.n_layer):
-    out[f"h_{i}"] = jax.tree.map(lambda x, i=i: x[i], summed)
-  return out
 
 
 # ---- statistics ----------------------------------------------------------------------------------

@@ -107,7 +107,7 @@ def _masked_worker(ctx: RoundContext):
     loss_fn = _subnet_loss(ctx, masked_cfg, params)
     masks = subnets.unit_masks(subnet, spec)
     one = jax.tree.map(lambda x: x[None], subnet)
-    hold = subnets.leaf_counts(subnets.unit_counts(one, spec), spec, params, 1)
+    hold = aggregate.leaf_counts(aggregate.unit_counts(one, spec), spec, params, 1)
     state = opt_state if ctx.opt_state == "slice" else ctx.tx.init(params)
     new, new_state, losses_R = local_steps(loss_fn, ctx.tx, ctx.lr_fn, params, state,
                                            batches_RxBxLp1, step0, masks, hold)
@@ -130,12 +130,12 @@ def _local_sums(ctx: RoundContext, worker_fn, physical: bool, full_local: int = 
   total = lambda t: jax.tree.map(lambda x: jnp.sum(x, axis=0), t)
 
   def add_up(changes_w, subnets_w, like):
-    return subnets.scatter_add(changes_w, subnets_w, spec, like) if physical else total(changes_w)
+    return aggregate.scatter_add(changes_w, subnets_w, spec, like) if physical else total(changes_w)
 
   def fn(params, opt_state, subnets_w, batches_wxRxBxLp1, step0):
     w = batches_wxRxBxLp1.shape[0]
     rest = jax.tree.map(lambda x: x[k:], subnets_w)
-    counts = subnets.unit_counts(rest if w > k else subnets_w, spec)
+    counts = aggregate.unit_counts(rest if w > k else subnets_w, spec)
     counts = jax.tree.map(lambda c: (c if w > k else 0 * c) + k, counts)  # full workers hold all
     parts, losses = [], []
     if k:
@@ -169,7 +169,7 @@ def _all_finite(*trees) -> jax.Array:
 def _finish(ctx: RoundContext, state, sums, losses_WxR, subnets_W):
   """Masked mean of params (and, with opt_state=slice, of Adam moments); optional outer step."""
   params, w = state["params"], ctx.spec.workers
-  counts = subnets.leaf_counts(sums["counts"], ctx.spec, params, w)
+  counts = aggregate.leaf_counts(sums["counts"], ctx.spec, params, w)
   mean = aggregate.mean_of_holders(params, sums["params"], counts)
   opt_state = state["opt_state"]
   if ctx.opt_state == "slice":  # step counts moved by R on every worker: their mean is + R
