@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from twist_jax import config, deploy, generate, model, subnets
+from twist_jax import config, decoding, deploy, generate, model, subnets
 from twist_jax.errors import UserError
 from twist_jax.model import GPT2, ModelConfig
 
@@ -57,12 +57,12 @@ def full_logits(params, cfg, tokens_BxL):
 
 @functools.partial(jax.jit, static_argnums=1)
 def prefill(params, cfg, tokens_BxL):
-  return model.prefill(params, cfg, tokens_BxL)
+  return decoding.prefill(params, cfg, tokens_BxL)
 
 
 @functools.partial(jax.jit, static_argnums=1)
 def decode_logits(params, cfg, tokens_B, pos, cache):
-  hidden_BxD, cache = model.decode(params, cfg, tokens_B, pos, cache)
+  hidden_BxD, cache = decoding.decode(params, cfg, tokens_B, pos, cache)
   return model.lm_head(params, cfg, hidden_BxD), cache
 
 

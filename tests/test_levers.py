@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from twist_jax import config as config_lib, levers
+from twist_jax import config as config_lib, data, deploy, evaluate, levers
 from twist_jax.model import flops_per_token
 
 
@@ -65,19 +65,32 @@ def test_quick_study_files_budgets_gap_and_rerun(tmp_path):
   saved = json.loads((tmp_path / "levers.json").read_text())
   assert saved["command"] == f"python -m twist_jax.levers --out {out} --quick"
   labels = {a["label"] for a in saved["arms"]}
-  assert {"A0", "A0'", "A1", "B0", "B*", "B*-scratch", *levers.LEVERS} <= labels
+  assert {"A0", "A0'", "A1", "B0", "B*", "B*-scratch", "C1", *levers.LEVERS} <= labels
   md = (tmp_path / "levers.md").read_text()
-  assert "| B4 (fully random subnets) |" in md and "C1" in md
+  assert "| B4 (fully random subnets) |" in md and "| C1 |" in md
 
   # Budgets: every fine-tuned arm within one round of A0's FLOPs (and of each other); the
-  # from-scratch arms within one round of base + fine-tune.
+  # from-scratch arms within one round of base + fine-tune; C1 gets a fine-tune's FLOPs on top
+  # of A0's.
   base = saved["base"]
+  a0 = next(a for a in saved["arms"] if a["label"] == "A0")
   for arm in saved["arms"]:
-    target = base["ft_target"] + base["flops"]  # fine-tunes are charged the base
+    target = base["ft_target"] + (a0["flops"] if arm["label"] == "C1" else base["flops"])
     assert abs(arm["flops"] - target) <= arm["round_flops"] / 2 + 1e-6, arm["label"]
     assert arm["steps"] % saved["scale"]["local_steps"] == 0
     assert arm["dense_steps"] % saved["scale"]["local_steps"] == 0
-  fine = [a for a in saved["arms"] if not a["arm"]["scratch"]]
+  # C1 starts from the struct-Wanda reference's model (same pruning, saved and reloaded), is
+  # distilled from A0 and trained.
+  c1 = next(a for a in saved["arms"] if a["label"] == "C1")
+  assert c1["config"]["init"]["teacher_run"] == a0["workdir"]
+  student, student_cfg = deploy.load_deployed(c1["config"]["init"]["from_run"])
+  ref = next(r for r in saved["references"] if r["method"] == "struct-wanda")
+  windows = data.load(config_lib.from_dict(a0["config"]).data).validation_windows(
+      context=student_cfg.n_positions, max_windows=saved["scale"]["max_windows"])
+  assert evaluate.mean_nll(student, student_cfg, windows) == pytest.approx(ref["val_loss"],
+                                                                           abs=1e-5)
+  assert c1["eval"]["full"] != pytest.approx(ref["val_loss"], abs=1e-4)
+  fine = [a for a in saved["arms"] if not a["arm"]["scratch"] and a["label"] != "C1"]
   for a in fine:
     for b in fine:
       assert abs(a["flops"] - b["flops"]) <= max(a["round_flops"], b["round_flops"]) + 1e-6

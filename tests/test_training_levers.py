@@ -79,6 +79,33 @@ def test_distillation_teacher_is_the_round_start_model():
     np.testing.assert_allclose(losses[w], ref, atol=2e-5)
 
 
+def test_ddp_with_a_fixed_teacher_of_another_width_distills_from_it():
+  """The prune-then-distill baseline: DDP whose every step minimises the mix of CE and the KL to a
+  fixed, wider teacher (not the round-start model)."""
+  wide = MODEL.replace(n_inner=(4 * MODEL.n_embd + 32,) * MODEL.n_layer)
+  teacher = init_params(wide, jax.random.key(7))
+  ctx = with_levers(make_ctx(), distill=0.5, distill_temperature=2.0, teacher=(teacher, wide))
+  params, batches, _, state, losses = one_round(ctx, "ddp")
+  loss_fn = lambda p, b_WxBxLp1: jnp.mean(jnp.stack(
+      [distill_loss(p, MODEL, teacher, wide, b, 0.5, 2.0) for b in b_WxBxLp1]))
+  p, ref = loop_worker(ctx, params, loss_fn, jnp.swapaxes(batches, 0, 1))
+  np.testing.assert_allclose(losses.reshape(-1, R)[0], ref, atol=2e-5)
+  assert_trees_close(state["params"], p, 2e-5)
+  # With the round-start model as teacher the same step would differ (its KL starts at 0).
+  _, plain = loop_worker(ctx, params, lambda q, b: jnp.mean(jnp.stack(
+      [distill_loss(q, MODEL, params, MODEL, x, 0.5, 2.0) for x in b])),
+      jnp.swapaxes(batches, 0, 1))
+  assert abs(plain[0] - ref[0]) > 1e-3
+
+
+@pytest.mark.parametrize("variant,distill", [("true", 0.5), ("ddp", 0.0)])
+def test_a_fixed_teacher_needs_ddp_and_distillation(variant, distill):
+  c = config_lib.default_config()
+  c.twist.variant, c.twist.distill, c.init.teacher_run = variant, distill, "runs/big"
+  with pytest.raises(ConfigError, match=r"init\.teacher_run.*ddp.*distill"):
+    config_lib.from_configdict(c)
+
+
 def test_ddp_outer_nesterov_is_a_look_ahead_on_the_round_change():
   plain_ctx = make_ctx(devices=2)
   outer_ctx = with_levers(plain_ctx, outer=aggregate.outer_optimizer(0.7, 0.9))

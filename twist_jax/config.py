@@ -1,4 +1,5 @@
-"""Experiment configuration: the default ConfigDict and its validated, frozen form.
+"""Experiment configuration: the default ConfigDict and its validation into the frozen form
+(the dataclasses in config_types).
 
 Experiments (`experiments/*.py`) start from `default_config()` and override fields; the trainer
 converts the result once with `from_configdict`, which checks every field and raises
@@ -7,13 +8,15 @@ converts the result once with `from_configdict`, which checks every field and ra
 
 import dataclasses
 import math
-from typing import Any
 
 import ml_collections
 
 from twist_jax import subnets
 from twist_jax.errors import ConfigError
 from twist_jax.model import ATTENTION_IMPLS, DTYPES, ModelConfig
+from twist_jax.config_types import (CkptConfig, Config, DataConfig, EvalConfig, InitConfig,
+                                    LogConfig, ModelSpec, OptConfig, TwistConfig, differing_fields,
+                                    from_dict, to_dict)
 from twist_jax.subnets import CORRECTIONS, MODES, SAMPLERS, SubnetConfig
 VARIANTS = ("ddp", "true", "masked", "hybrid")
 OPT_STATES = ("slice", "reset")
@@ -108,121 +111,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.init = i = ml_collections.ConfigDict()
   i.from_run = ""  # workdir of another run: start from its latest params
   i.hf = ""  # Hugging Face GPT-2: hub id or local folder
+  i.teacher_run = ""  # ddp only: a fixed teacher (run workdir or deployed folder, any width);
+  #                     with twist.distill > 0 every worker distills from it
   return c
-
-
-# ---- frozen, validated form -------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class TwistConfig:
-  variant: str
-  workers: int
-  local_steps: int
-  opt_state: str
-  outer_lr: float
-  outer_momentum: float
-  devices: int
-  full_workers: int = 0
-  distill: float = 0.0
-  distill_temperature: float = 1.0
-  dense_steps: int = 0
-
-
-@dataclasses.dataclass(frozen=True)
-class OptConfig:
-  name: str
-  lr: float
-  warmup_steps: int
-  min_lr_ratio: float
-  weight_decay: float
-  b1: float
-  b2: float
-  eps: float
-  grad_clip: float
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-  name: str
-  tokenizer: str
-  bpe_vocab_size: int
-  data_dir: str
-  files: str
-  val_fraction: float
-  manual_dir: str
-  text_feature: str
-  max_train_bytes: int
-  batch_size: int
-  gpt2_bpe_dir: str = ""  # defaulted: config.json files written before it existed still load
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalConfig:
-  every: int
-  max_windows: int
-  batch_size: int
-  golden_kappas: tuple[float, ...] = (0.25, 0.5, 0.75)  # defaults: older config.json files load
-  golden_samples: int = 16
-
-
-@dataclasses.dataclass(frozen=True)
-class CkptConfig:
-  every: int
-  keep: int
-  on_divergence: str = "stop"
-  max_rollbacks: int = 3
-
-
-@dataclasses.dataclass(frozen=True)
-class LogConfig:
-  every: int
-  progress: bool
-
-
-@dataclasses.dataclass(frozen=True)
-class InitConfig:
-  from_run: str
-  hf: str
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelSpec:
-  n_layer: int
-  n_head: int
-  n_embd: int
-  n_inner: int
-  context: int
-  dtype: str
-  attention: str
-  head_dim: int = 0
-  remat: bool = False
-
-  def model_config(self, vocab_size: int) -> ModelConfig:
-    return ModelConfig.uniform(n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd,
-                               n_inner=self.n_inner or None, head_dim=self.head_dim or None,
-                               vocab_size=vocab_size,
-                               n_positions=self.context, dtype=self.dtype,
-                               attention=self.attention, remat=self.remat)
-
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-  seed: int
-  steps: int
-  model: ModelSpec
-  subnet: SubnetConfig
-  twist: TwistConfig
-  opt: OptConfig
-  data: DataConfig
-  eval: EvalConfig
-  ckpt: CkptConfig
-  log: LogConfig
-  init: InitConfig
-
-  @property
-  def num_rounds(self) -> int:
-    return self.steps // self.twist.local_steps
 
 
 def _choice(field, value, allowed):
@@ -341,6 +232,9 @@ def from_configdict(c: ml_collections.ConfigDict) -> Config:
   i = _section(InitConfig, c.init, "init")
   if i.from_run and i.hf:
     raise ConfigError("init", "set at most one of init.from_run and init.hf")
+  if i.teacher_run and (t.variant != "ddp" or not t.distill):
+    raise ConfigError("init.teacher_run", "a fixed teacher needs twist.variant='ddp' and "
+                      "twist.distill > 0 (TwIST workers distill from the round-start model)")
 
   _int("steps", c.steps)
   if c.steps % t.local_steps:
@@ -381,11 +275,6 @@ def _check_subnet_sizes(cfg: Config) -> None:
   subnets.make_spec(cfg.model.model_config(256), cfg.subnet, cfg.twist.workers)
 
 
-def to_dict(cfg: Config) -> dict[str, Any]:
-  """JSON-ready dict of the resolved config (written to WORKDIR/config.json)."""
-  return dataclasses.asdict(cfg)
-
-
 def lr_at(opt: OptConfig, total_steps: int, step):
   """Warmup then cosine decay to lr * min_lr_ratio; `step` may be traced."""
   import jax.numpy as jnp
@@ -395,19 +284,3 @@ def lr_at(opt: OptConfig, total_steps: int, step):
   frac = jnp.clip((step - opt.warmup_steps) / max(total_steps - opt.warmup_steps, 1), 0, 1)
   cos = opt.min_lr_ratio + (1 - opt.min_lr_ratio) * 0.5 * (1 + jnp.cos(math.pi * frac))
   return jnp.where(step < opt.warmup_steps, warm, opt.lr * cos)
-
-
-def from_dict(d: dict[str, Any]) -> Config:
-  """Inverse of `to_dict` (reads a run's config.json); lists become tuples."""
-  tup = lambda v: tuple(v) if isinstance(v, list) else v
-  sections = {f.name: f.type for f in dataclasses.fields(Config)}
-  kw = {}
-  for name, value in d.items():
-    if isinstance(value, dict):
-      cls = {"model": ModelSpec, "subnet": SubnetConfig, "twist": TwistConfig, "opt": OptConfig,
-             "data": DataConfig, "eval": EvalConfig, "ckpt": CkptConfig, "log": LogConfig,
-             "init": InitConfig}[name]
-      kw[name] = cls(**{k: tup(v) for k, v in value.items()})
-    elif name in sections:
-      kw[name] = value
-  return Config(**kw)

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from twist_jax import checkpoint, config as config_lib, deploy, model
+from twist_jax import checkpoint, config as config_lib, decoding, deploy, model
 from twist_jax.errors import DataError, UserError
 from twist_jax.model import ModelConfig
 
@@ -53,7 +53,7 @@ def _pick_rows(params, cfg: ModelConfig, hidden_BxD, key, t, temperature, top_k:
 def prefill_step(params, cfg: ModelConfig, window_BxT, n, key, t, top_k: int, temperature):
   """Prefills the first n tokens of the window (the rest is padding, which causal attention and
   the cache mask never let count); returns token t (B,) and the cache."""
-  hidden_BxTxD, cache = model.prefill(params, cfg, window_BxT)
+  hidden_BxTxD, cache = decoding.prefill(params, cfg, window_BxT)
   hidden_BxD = jax.lax.dynamic_index_in_dim(hidden_BxTxD, n - 1, axis=1, keepdims=False)
   return _pick_rows(params, cfg, hidden_BxD, key, t, temperature, top_k), cache
 
@@ -68,7 +68,7 @@ def decode_loop(params, cfg: ModelConfig, cache, token_B, n, steps, key, t, top_
 
   def body(i, carry):
     cache, token_B, out_BxP = carry
-    hidden_BxD, cache = model.decode(params, cfg, token_B, n + i, cache)
+    hidden_BxD, cache = decoding.decode(params, cfg, token_B, n + i, cache)
     token_B = _pick_rows(params, cfg, hidden_BxD, key, t + 1 + i, temperature, top_k)
     return cache, token_B, jax.lax.dynamic_update_slice(out_BxP, token_B[:, None], (0, i))
 

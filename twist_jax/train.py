@@ -40,13 +40,25 @@ class Run:
 # ---- setup ---------------------------------------------------------------------------------------
 
 
+def _saved_params(path: str, field: str):
+  """(params, ModelConfig) of a run's latest checkpoint or of a deployed model folder."""
+  from twist_jax import deploy  # pylint: disable=import-outside-toplevel
+
+  if deploy.is_deployed(path):
+    return deploy.load_deployed(path)
+  if not os.path.isdir(path):
+    raise ConfigError(field, f"{path!r} is neither a run's workdir nor a deployed model folder")
+  params, meta = checkpoint.latest_params(path)
+  return params, ModelConfig.from_dict(meta["model"])
+
+
 def _initial_params(cfg: config_lib.Config, model: ModelConfig):
-  """Random init, another run's params (init.from_run) or a Hugging Face GPT-2 (init.hf)."""
+  """Random init, another run's or a deployed model's params (init.from_run) or a Hugging Face
+  GPT-2 (init.hf)."""
   if cfg.init.from_run:
-    params, meta = checkpoint.latest_params(cfg.init.from_run)
-    theirs = ModelConfig.from_dict(meta["model"])
-    if (theirs.n_head, theirs.n_inner, theirs.n_embd, theirs.vocab_size) != (
-        model.n_head, model.n_inner, model.n_embd, model.vocab_size):
+    params, theirs = _saved_params(cfg.init.from_run, "init.from_run")
+    shape = lambda m: (m.n_head, m.head_dim, m.n_inner, m.n_embd, m.vocab_size)
+    if shape(theirs) != shape(model):
       raise ConfigError("init.from_run", f"that run's model {theirs} does not match {model}")
     if theirs.n_positions < model.n_positions:
       raise ConfigError("model.context", f"{model.n_positions} exceeds init.from_run's "
@@ -54,6 +66,18 @@ def _initial_params(cfg: config_lib.Config, model: ModelConfig):
     params = dict(params, wpe={"embedding": params["wpe"]["embedding"][:model.n_positions]})
     return jax.tree.map(jnp.asarray, params)
   return init_params(model, jax.random.fold_in(jax.random.key(cfg.seed), 0))
+
+
+def _teacher(cfg: config_lib.Config, model: ModelConfig):
+  """init.teacher_run's (params, ModelConfig), or None."""
+  if not cfg.init.teacher_run:
+    return None
+  params, teacher = _saved_params(cfg.init.teacher_run, "init.teacher_run")
+  if teacher.vocab_size != model.vocab_size or teacher.n_positions < model.n_positions:
+    raise ConfigError("init.teacher_run", f"the teacher's vocabulary {teacher.vocab_size} and "
+                      f"positions {teacher.n_positions} must cover {model.vocab_size} and "
+                      f"{model.n_positions}")
+  return jax.tree.map(jnp.asarray, params), teacher
 
 
 def _model_config(cfg: config_lib.Config, vocab_size: int):
@@ -87,7 +111,8 @@ def build(cfg: config_lib.Config, workdir: str) -> Run:
   outer = aggregate.outer_optimizer(cfg.twist.outer_lr, cfg.twist.outer_momentum)
   tw = cfg.twist
   ctx = variants.RoundContext(model, spec, tx, lr_fn, mesh, tw.opt_state, outer,
-                              tw.full_workers if spec else 0, tw.distill, tw.distill_temperature)
+                              tw.full_workers if spec else 0, tw.distill, tw.distill_temperature,
+                              _teacher(cfg, model))
   if spec is not None and tw.variant != "hybrid":
     variants.full_workers_per_device(ctx)  # refuse an uneven split now, before any writing
   # Fail now (exit 2, nothing written) if the data cannot feed one step.
@@ -107,18 +132,9 @@ def _check_resume_config(workdir: str, resolved: dict) -> None:
     return
   with open(path) as f:
     old = json.load(f)
-  flat = lambda d, p="": ({f"{p}{k}": v for k2, v2 in [(k, d[k]) for k in d]
-                           for k, v in (flat(v2, f"{p}{k2}.").items() if isinstance(v2, dict)
-                                        else [(k2, v2)])})
-  as_json = lambda cfg_dict: flat(json.loads(json.dumps(cfg_dict)))
-  a, b = flat(old), as_json(resolved)
-  # A field added after the old run was made counts as equal when the new run leaves it at
-  # its default (the old run behaved as that default).
-  defaults = as_json(config_lib.to_dict(config_lib.from_configdict(config_lib.default_config())))
   allowed = {"steps", "log.progress", "eval.every", "ckpt.every", "ckpt.keep", "log.every",
              "data.gpt2_bpe_dir", "eval.golden_kappas", "eval.golden_samples"}
-  diff = sorted(k for k in set(a) | set(b)
-                if a.get(k, defaults.get(k)) != b.get(k) and k not in allowed)
+  diff = config_lib.differing_fields(old, resolved, ignore=allowed)
   if diff:
     raise ConfigError(diff[0], f"workdir {workdir!r} holds a run with a different config; "
                       f"fields that differ: {', '.join(diff)} (use a new --workdir)")

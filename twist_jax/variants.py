@@ -39,6 +39,8 @@ class RoundContext:
   full_workers: int = 0  # sandwich rule: the first of each device's workers train the full model
   distill: float = 0.0  # in-place distillation weight alpha of subnet workers (0 = off)
   distill_temperature: float = 1.0
+  # ddp only: (params, ModelConfig) of a fixed teacher every worker distills from (with distill)
+  teacher: tuple | None = None
 
 
 def init_state(ctx: RoundContext, params):
@@ -212,8 +214,14 @@ def _mesh_round(ctx: RoundContext, worker_fn, physical: bool):
 
 def _ddp_body(ctx: RoundContext):
   """Data parallel: every step's gradient is averaged over all W shards (R steps per call)."""
+  one = lambda p, b: lm_loss(p, ctx.model, b)
+  if ctx.teacher is not None:  # a fixed teacher of its own width (a prune-then-distill student)
+    t_params, t_cfg = ctx.teacher
+    one = lambda p, b: distill_loss(p, ctx.model, t_params, t_cfg, b, ctx.distill,
+                                    ctx.distill_temperature)
+
   def loss_fn(p, batch_wxBxLp1, masks):
-    return jnp.mean(jax.vmap(lambda b: lm_loss(p, ctx.model, b))(batch_wxBxLp1))
+    return jnp.mean(jax.vmap(lambda b: one(p, b))(batch_wxBxLp1))
 
   def device_fn(params, opt_state, batches_wxRxBxLp1, step0):
     grad_mean = lambda g: jax.lax.pmean(g, parallel.AXIS)
