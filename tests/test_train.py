@@ -12,7 +12,11 @@ import pytest
 
 from twist_jax import config as config_lib, train
 
+from helpers import exit_code
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import launch  # noqa: E402  (the repository root's entry point)
 EXPERIMENTS = sorted(glob.glob(os.path.join(ROOT, "experiments", "*.py")))
 
 
@@ -95,8 +99,7 @@ def run_launch(tmp_path, *overrides, config="experiments/pydocs_attn.py:smoke"):
   return proc, workdir
 
 
-@pytest.mark.parametrize("overrides,needle", [
-    (["--config.subnet.kappa=1.5"], "subnet.kappa"),
+BAD_VALUES = [
     (["--config.subnet.kappa=0.01"], "subnet.kappa"),
     (["--config.subnet.mode=heads"], "subnet.mode"),
     (["--config.subnet.sampler=best"], "subnet.sampler"),
@@ -105,12 +108,27 @@ def run_launch(tmp_path, *overrides, config="experiments/pydocs_attn.py:smoke"):
     (["--config.steps=31"], "steps"),
     (["--config.data.tokenizer=words"], "data.tokenizer"),
     (["--config.subnet.nope=1"], "nope"),
-])
-def test_bad_config_values_exit_2_and_write_nothing(tmp_path, overrides, needle):
-  proc, workdir = run_launch(tmp_path, *overrides)
+]
+
+
+def test_a_bad_config_value_exits_2_from_a_fresh_process(tmp_path):
+  proc, workdir = run_launch(tmp_path, "--config.subnet.kappa=1.5")
   assert proc.returncode == 2, proc.stderr
   lines = [ln for ln in proc.stderr.strip().splitlines() if ln.startswith("error:")]
-  assert len(lines) == 1 and needle in lines[0], proc.stderr
+  assert len(lines) == 1 and "subnet.kappa" in lines[0], proc.stderr
+  assert not workdir.exists()
+
+
+@pytest.mark.parametrize("overrides,needle", BAD_VALUES)
+def test_bad_config_values_exit_2_and_write_nothing(tmp_path, capsys, overrides, needle):
+  """launch.main in this process (the fresh-process path is the test above)."""
+  workdir = tmp_path / "wd"
+  code = exit_code(launch.main, ["--config", os.path.join(ROOT, "experiments", "pydocs_attn.py")
+                                 + ":smoke", "--workdir", workdir, *overrides])
+  err = capsys.readouterr().err
+  lines = [ln for ln in err.strip().splitlines() if ln.startswith("error:")]
+  assert code == 2, err
+  assert len(lines) == 1 and needle in lines[0], err
   assert not workdir.exists()
 
 

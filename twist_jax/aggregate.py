@@ -111,13 +111,15 @@ def scatter_add(small_W, subnets_W, spec: subnets.SubnetSpec, like):
       full = subnets.get_path(like, (f"h_{i}",) + path)
       idx_WxM = subnets_W[f"h_{i}"][kind]
       w, m = idx_WxM.shape
-      s_view, axis = subnets.unit_view(subnets.get_path(small_W, (f"h_{i}",) + path), dim + 1, pre, m)
+      small = subnets.get_path(small_W, (f"h_{i}",) + path)
+      s_view, axis = subnets.unit_view(small, dim + 1, pre, m)
       # (W, ..., pre, M, post, ...) -> (..., pre, W*M, post, ...): workers join the unit axis.
       s_view = jnp.moveaxis(s_view, 0, axis - 1)
       s_view = s_view.reshape(s_view.shape[:axis - 1] + (w * m,) + s_view.shape[axis + 1:])
       z_view, z_axis = subnets.unit_view(jnp.zeros(full.shape, s_view.dtype), dim, pre, total)
       where = (slice(None),) * z_axis + (idx_WxM.reshape(-1),)
-      out = subnets.set_path(out, (f"h_{i}",) + path, z_view.at[where].add(s_view).reshape(full.shape))
+      summed = z_view.at[where].add(s_view).reshape(full.shape)
+      out = subnets.set_path(out, (f"h_{i}",) + path, summed)
   return out
 
 

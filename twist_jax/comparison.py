@@ -177,12 +177,13 @@ def markdown(r: dict) -> str:
   with_pre = lambda name, k: b[name][k] + (pre[k] if name.startswith(("ft_", "ctl_local")) else 0)
   fmt = lambda name: f"{with_pre(name, 'tokens') / 1e6:.2f}M / {with_pre(name, 'flops'):.2e}"
   lines = ["# TwIST vs post-training pruning (CPU scale, built-in corpus)", "",
-           f"Command: `python -m twist_jax.comparison --out {r['out']}{' --quick' if r['quick'] else ''}`",
+           "Command: `python -m twist_jax.comparison --out "
+           f"{r['out']}{' --quick' if r['quick'] else ''}`",
            f"Machine: {r['machine']}", "", f"Protocol: {gt['protocol']}", "",
            f"Sparsity = 1 - kappa of the transformer blocks' parameters (attn_mlp: heads and MLP "
            f"units); random-subnet cells show PPL of the mean loss over {gt['samples']} random "
-           "subnets, ± the std of their losses (nats), [best–worst subnet PPL]. Tokens / FLOPs include the DDP "
-           "pretraining stage for fine-tuned models.", "",
+           "subnets, ± the std of their losses (nats), [best–worst subnet PPL]. Tokens / FLOPs "
+           "include the DDP pretraining stage for fine-tuned models.", "",
            "| method | model | tokens / train FLOPs | " +
            " | ".join(f"sparsity {1 - k:g}" for k in (1.0, 0.75, 0.5, 0.25)) + " |",
            "|---|---|---|" + "---|" * 4]

@@ -268,8 +268,8 @@ def findings(r: dict) -> str:
   if bs["winners"]:
     out.append(f"Beating B0 by more than one seed std (threshold {bs['threshold']:.4f}): "
                f"{', '.join(bs['winners'])}; B* combines {bs['overrides']} and closes "
-               f"{rows['B*']['gap_closed']:.1%} of the gap (subnets {_pm(rows['B*']['target_mean'])},"
-               f" full {_pm(rows['B*']['full'])}).")
+               f"{rows['B*']['gap_closed']:.1%} of the gap (subnets "
+               f"{_pm(rows['B*']['target_mean'])}, full {_pm(rows['B*']['full'])}).")
   else:
     out.append(f"No lever beat B0 by more than one seed std (threshold {bs['threshold']:.4f}); "
                "B* is B0.")

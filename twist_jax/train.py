@@ -94,6 +94,7 @@ def _model_config(cfg: config_lib.Config, vocab_size: int):
 
 def build(cfg: config_lib.Config, workdir: str) -> Run:
   """Loads data and initial weights and builds the round function; writes nothing."""
+  n_dev = parallel.device_count_for(cfg.twist.workers, cfg.twist.devices)  # refused before data
   dataset = data.load(cfg.data)
   model, params = _model_config(cfg, dataset.vocab_size)
   if params is None:
@@ -104,7 +105,6 @@ def build(cfg: config_lib.Config, workdir: str) -> Run:
   spec = None
   if cfg.twist.variant != "ddp":
     spec = subnets.make_spec(model, cfg.subnet, cfg.twist.workers)
-  n_dev = parallel.device_count_for(cfg.twist.workers, cfg.twist.devices)
   mesh = parallel.make_mesh(n_dev)
   tx = worker.make_optimizer(cfg.opt)
   lr_fn = lambda t: config_lib.lr_at(cfg.opt, cfg.steps, t)

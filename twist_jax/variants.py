@@ -132,7 +132,9 @@ def _local_sums(ctx: RoundContext, worker_fn, physical: bool, full_local: int = 
   total = lambda t: jax.tree.map(lambda x: jnp.sum(x, axis=0), t)
 
   def add_up(changes_w, subnets_w, like):
-    return aggregate.scatter_add(changes_w, subnets_w, spec, like) if physical else total(changes_w)
+    if physical:
+      return aggregate.scatter_add(changes_w, subnets_w, spec, like)
+    return total(changes_w)
 
   def fn(params, opt_state, subnets_w, batches_wxRxBxLp1, step0):
     w = batches_wxRxBxLp1.shape[0]
