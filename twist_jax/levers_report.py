@@ -288,7 +288,7 @@ def findings(r: dict) -> str:
                f"including A0's) reaches {c1['full']['mean']:.4f}: one model, where B* gives a "
                f"family of random subnets averaging {rows['B*']['target_mean']['mean']:.4f}.")
   flops = [e["flops"] for e in rows.values()]
-  fine = [e["flops"] for k, e in rows.items() if k not in ("A1", "B*-scratch")]
+  fine = [e["flops"] for k, e in rows.items() if k not in ("A1", "B*-scratch", "C1")]
   out.append(f"Budgets: fine-tuned arms span {min(fine):.4e}..{max(fine):.4e} FLOPs "
              f"({(max(fine) - min(fine)) / min(fine):.2%}), all arms {min(flops):.4e}.."
              f"{max(flops):.4e}.")
