@@ -5,8 +5,11 @@ Fields added after a run was made carry defaults, so older config.json files sti
 """
 
 import dataclasses
+import functools
 import json
 from typing import Any
+
+from flax import traverse_util
 
 from twist_jax.model import ModelConfig
 from twist_jax.subnets import SubnetConfig
@@ -145,20 +148,21 @@ def from_dict(d: dict[str, Any]) -> Config:
   return Config(**kw)
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-  return out
+@functools.cache
+def _default_fields() -> dict:
+  from twist_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+
+  return _flat_json(to_dict(config_lib.from_configdict(config_lib.default_config())))
+
+
+def _flat_json(d: dict) -> dict:
+  return traverse_util.flatten_dict(json.loads(json.dumps(d)), sep=".")
 
 
 def differing_fields(old: dict, new: dict, ignore=()) -> list[str]:
   """Dotted names of the fields where two config.json dicts differ, sorted. A field one of them
   lacks (added after it was written) counts as its default value."""
-  from twist_jax import config as config_lib  # pylint: disable=import-outside-toplevel
-
-  as_json = lambda d: _flat(json.loads(json.dumps(d)))
-  defaults = as_json(to_dict(config_lib.from_configdict(config_lib.default_config())))
-  a, b = as_json(old), as_json(new)
+  defaults = _default_fields()
+  a, b = _flat_json(old), _flat_json(new)
   return sorted(k for k in set(a) | set(b)
                 if a.get(k, defaults.get(k)) != b.get(k, defaults.get(k)) and k not in ignore)

@@ -295,7 +295,8 @@ def reference_rows(s: dict, a0_dir: str, out: str) -> list[dict]:
 C1_DISTILL = {"distill": 0.5, "distill_temperature": 1.0}  # B2's settings
 
 
-def run_c1(s: dict, base: dict, a0: dict, out: str, windows, train_tokens: int) -> dict:
+def run_c1(s: dict, base: dict, a0: dict, out: str, dataset, windows,
+           train_tokens: int) -> dict:
   """C1, what a practitioner would do instead: struct-Wanda-50% of A0 (attn_mlp: the kappa = 0.5
   subnet's shape, nothing rescaled; the same model as the struct-wanda reference row), then DDP
   with distillation (alpha 0.5, T = 1) from A0 as a fixed teacher, for the fine-tune FLOPs each
@@ -305,7 +306,7 @@ def run_c1(s: dict, base: dict, a0: dict, out: str, windows, train_tokens: int) 
   if not deploy.is_deployed(student):
     print("[levers] C1: struct-Wanda-50% of A0 as the student", flush=True)
     a0_cfg, model, params = checkpoint.load_run(a0["workdir"])
-    calib = baselines_cli.calibration_windows(data.load(a0_cfg.data), a0_cfg, 64)
+    calib = baselines_cli.calibration_windows(dataset, a0_cfg, 64)  # A0 trained on it
     spec = baselines_cli.structured_spec(model, 1 - 0.5, MODE, ())
     small, small_cfg = baselines_cli.prune_structured(params, model, "wanda", spec, calib,
                                                       jax.random.key(0))
@@ -355,7 +356,7 @@ def run(out: str, quick: bool = False) -> dict:
   records += [go(arm) for arm in main_arms]
   grid = [go(arm) for arm in grid_arms]
   refs = reference_rows(s, os.path.join(out, "runs", first_arms(s)[0].name), out)
-  records.append(run_c1(s, base, rows["A0"][0], out, windows, train_tokens))
+  records.append(run_c1(s, base, rows["A0"][0], out, dataset, windows, train_tokens))
   result = {"command": f"python -m twist_jax.levers --out {out}{' --quick' if quick else ''}",
             "quick": quick, "scale": s, "machine": comparison._machine(),
             "protocol": data.protocol(base_cfg.data, base_cfg.model.context),
