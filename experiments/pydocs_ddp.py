@@ -15,8 +15,9 @@ def get_config(arg=None):
   c.twist.variant = "ddp"
   c.twist.workers = 4  # data-parallel shards (global batch = workers * data.batch_size)
   c.twist.local_steps = 15  # steps per compiled call; DDP averages gradients every step
-  c.steps = 480  # the main job's steps, learning rate and warm-up (experiments/pydocs_attn.py)
-  c.opt.lr = 5e-3
+  c.data.batch_size = 4  # the main job's batch, steps, learning rate and warm-up
+  c.steps = 900  # (experiments/pydocs_attn.py)
+  c.opt.lr = 3e-3
   c.opt.warmup_steps = 30
   if arg == "smoke":
     smoke(c)

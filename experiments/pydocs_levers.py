@@ -1,6 +1,7 @@
 """The main job with the training levers that won the equal-FLOPs study (results/levers/): an
 outer Nesterov step on each round's change (lr 0.7, momentum 0.9), a nested core of a quarter
-of each layer's heads in every subnet, and DDP for the first third of the steps.
+of each layer's heads in every subnet, and (as in the main job itself) DDP for the first third
+of the steps.
 
   python launch.py --config experiments/pydocs_levers.py --workdir runs/pydocs_levers
   python launch.py --config experiments/pydocs_levers.py:smoke --workdir /tmp/smoke   # seconds
@@ -28,7 +29,4 @@ def get_config(arg=None):
   c.twist.outer_lr = 0.7
   c.twist.outer_momentum = 0.9
   c.subnet.core = 0.25
-  # A third of the steps, rounded to whole rounds.
-  rounds = c.steps // c.twist.local_steps
-  c.twist.dense_steps = c.twist.local_steps * round(rounds / 3)
   return c
