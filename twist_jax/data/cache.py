@@ -1,5 +1,7 @@
 """The on-disk cache: where it lives, and arrays written crash-safe (twist_jax.files)."""
 
+import contextlib
+import fcntl
 import os
 import pathlib
 
@@ -25,3 +27,19 @@ def save_array(path, array: np.ndarray) -> None:
 def load_array(path) -> np.ndarray:
   # Memory-mapped: loading is instant and large corpora are paged in on demand.
   return np.load(path, mmap_mode='r')
+
+
+@contextlib.contextmanager
+def build_lock(root: pathlib.Path):
+  """Holds an exclusive lock on the cache root: jobs started together build a corpus once.
+
+  The second job waits for the first, then finds the cache filled. The lock is an advisory
+  `flock` on `root/.lock`, released by the OS if its holder dies.
+  """
+  root.mkdir(parents=True, exist_ok=True)
+  with open(root / '.lock', 'a') as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)

@@ -119,9 +119,11 @@ def _split_tokens(corpus: _Corpus, tokenizer, split: str) -> np.ndarray:
 def load(cfg) -> Dataset:
   """The tokenised dataset a data config names (reads the fields of `DataSpec`)."""
   spec = sources.spec_from_config(cfg)
-  corpus = _Corpus(spec, cache.data_root(spec.data_dir))
-  tokenizer = make_tokenizer(spec, corpus)
-  splits = {split: _split_tokens(corpus, tokenizer, split) for split in SPLITS}
+  root = cache.data_root(spec.data_dir)
+  corpus = _Corpus(spec, root)
+  with cache.build_lock(root):  # concurrent jobs on one cache: the first builds, the rest read
+    tokenizer = make_tokenizer(spec, corpus)
+    splits = {split: _split_tokens(corpus, tokenizer, split) for split in SPLITS}
   return Dataset(spec.name, tokenizer, splits)
 
 
