@@ -137,6 +137,13 @@ def test_load_waits_for_the_cache_lock(python_docs_dir):
   assert not reader.is_alive() and loaded[0].tokens('validation').size > 0
 
 
+def test_load_goes_on_where_the_filesystem_has_no_locks(python_docs_dir, monkeypatch):
+  def no_locks(*_):
+    raise OSError(37, 'No locks available')
+  monkeypatch.setattr(cache.fcntl, 'flock', no_locks)
+  assert data.load(_cfg(python_docs_dir)).tokens('validation').size > 0
+
+
 def test_split_documents_is_a_deterministic_partition():
   docs = [(f'doc{i}', f'text {i}') for i in range(200)]
   split = documents.split_documents(docs, 0.2)

@@ -34,12 +34,22 @@ def build_lock(root: pathlib.Path):
   """Holds an exclusive lock on the cache root: jobs started together build a corpus once.
 
   The second job waits for the first, then finds the cache filled. The lock is an advisory
-  `flock` on `root/.lock`, released by the OS if its holder dies.
+  `flock` on `root/.lock`, released by the OS if its holder dies. Where no lock can be taken (a
+  read-only, pre-built cache; a network filesystem without locks) loading goes on unserialised:
+  every cache file is still written atomically.
   """
-  root.mkdir(parents=True, exist_ok=True)
-  with open(root / '.lock', 'a') as f:
+  f = None
+  try:
+    root.mkdir(parents=True, exist_ok=True)
+    f = open(root / '.lock', 'a')
     fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
+  except OSError:
+    if f is not None:
+      f.close()
+    f = None
+  try:
+    yield
+  finally:
+    if f is not None:
       fcntl.flock(f, fcntl.LOCK_UN)
+      f.close()
