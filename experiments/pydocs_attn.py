@@ -11,22 +11,16 @@ Shorter runs keep at most their steps dense: --config.steps=300 --config.twist.d
 """
 
 from twist_jax.config import default_config
-from twist_jax.experiments import smoke
+from twist_jax.experiments import pydocs_schedule, smoke
 
 
 def get_config(arg=None):
-  c = default_config()
+  c = pydocs_schedule(default_config())  # S = 4 workers, R = 15, 900 steps, lr 3e-3
   c.twist.variant = "true"  # physical subnets: each worker trains a half-width dense GPT-2
-  c.twist.workers = 4  # S
-  c.twist.local_steps = 15  # R
   c.subnet.mode = "attn"
   c.subnet.kappa = 0.5
   c.subnet.sampler = "cover"
   c.subnet.correction = "mean"
-  c.data.batch_size = 4  # per worker: more, smaller steps in the same time
-  c.steps = 900  # 60 rounds of R steps
-  c.opt.lr = 3e-3
-  c.opt.warmup_steps = 30
   # Dense warm-up: the first 300 steps (a third, 20 whole rounds) are DDP on the same workers.
   # Pure TwIST from scratch sits on a ~2.6 nats/byte plateau for most of a 5-minute budget;
   # starting from a dense third reaches 2.20 in the same steps (results/main_job/tuning/).

@@ -7,18 +7,14 @@ main job's contrast, with its model, data, steps and optimizer.
 """
 
 from twist_jax.config import default_config
-from twist_jax.experiments import smoke
+from twist_jax.experiments import pydocs_schedule, smoke
 
 
 def get_config(arg=None):
-  c = default_config()
+  # The main job's workers (here data-parallel shards), batch, steps and optimizer; DDP averages
+  # gradients every step, so local_steps is only the number of steps per compiled call.
+  c = pydocs_schedule(default_config())
   c.twist.variant = "ddp"
-  c.twist.workers = 4  # data-parallel shards (global batch = workers * data.batch_size)
-  c.twist.local_steps = 15  # steps per compiled call; DDP averages gradients every step
-  c.data.batch_size = 4  # the main job's batch, steps, learning rate and warm-up
-  c.steps = 900  # (experiments/pydocs_attn.py)
-  c.opt.lr = 3e-3
-  c.opt.warmup_steps = 30
   if arg == "smoke":
     smoke(c)
   elif arg is not None:

@@ -29,6 +29,22 @@ def gpt2_124m(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.C
   return c
 
 
+def pydocs_schedule(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The main job's schedule on the built-in corpus, which its DDP contrast shares.
+
+  Four workers at batch 4 each, 15 steps per compiled call (TwIST's R), 900 steps, peak learning
+  rate 3e-3 after a 30-step warm-up: the main job (experiments/pydocs_attn.py) and its DDP
+  contrast (experiments/pydocs_ddp.py) take it from here, so they cannot drift apart.
+  """
+  c.twist.workers = 4
+  c.twist.local_steps = 15
+  c.data.batch_size = 4  # per worker: more, smaller steps in the same time
+  c.steps = 900  # 60 rounds of 15 steps
+  c.opt.lr = 3e-3
+  c.opt.warmup_steps = 30
+  return c
+
+
 def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Seconds on a CPU: tiny model, built-in corpus, a few rounds, one checkpoint mid-way."""
   c.model.update(n_layer=2, n_head=4, n_embd=32, context=32, dtype="float32", attention="xla")

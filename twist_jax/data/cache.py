@@ -38,18 +38,10 @@ def build_lock(root: pathlib.Path):
   read-only, pre-built cache; a network filesystem without locks) loading goes on unserialised:
   every cache file is still written atomically.
   """
-  f = None
-  try:
-    root.mkdir(parents=True, exist_ok=True)
-    f = open(root / '.lock', 'a')
-    fcntl.flock(f, fcntl.LOCK_EX)
-  except OSError:
-    if f is not None:
-      f.close()
-    f = None
-  try:
+  with contextlib.ExitStack() as stack:  # closing the lock file releases the lock
+    try:
+      root.mkdir(parents=True, exist_ok=True)
+      fcntl.flock(stack.enter_context(open(root / '.lock', 'a')), fcntl.LOCK_EX)
+    except OSError:
+      pass  # no lock to be had: go on unserialised (see above)
     yield
-  finally:
-    if f is not None:
-      fcntl.flock(f, fcntl.LOCK_UN)
-      f.close()
