@@ -75,7 +75,7 @@ def default_config() -> ml_collections.ConfigDict:
   o.grad_clip = 1.0  # global-norm clip per worker step; 0 disables
 
   c.data = d = ml_collections.ConfigDict()
-  d.name = "python_docs"  # python_docs | text_files | wikitext2 | wikitext103 | tfds:NAME
+  d.name = "python_docs"  # python_docs | python_source | text_files | wikitext2 | wikitext103 | tfds:NAME
   d.tokenizer = "bytes"  # bytes | gpt2 | bpe
   d.gpt2_bpe_dir = ""  # gpt2 offline: folder with GPT-2's vocab.bpe + encoder.json; '' = the
   #                      $TWIST_GPT2_BPE_DIR folder if set, else tiktoken (network or its cache)

@@ -49,38 +49,51 @@ def _examples(docs: list[documents.Document]):
     yield i, {'text': text}
 
 
-class TwistPythonDocs(_HereCodePath, tfds.core.GeneratorBasedBuilder):
+class _SplitCorpus(_HereCodePath, tfds.core.GeneratorBasedBuilder):
+  """A corpus of named documents split by name hash; subclasses say where the documents come
+  from."""
+
+  VERSION = tfds.core.Version('1.0.0')
+
+  def _documents(self) -> list[documents.Document]:
+    raise NotImplementedError
+
+  def _split(self, docs, val_fraction):
+    return documents.split_documents(docs, val_fraction)
+
+  def _info(self):
+    return _text_info(self)
+
+  def _split_generators(self, dl_manager):
+    splits = self._split(self._documents(), self.builder_config.val_fraction)
+    return {split: self._generate_examples(split_docs) for split, split_docs in splits.items()}
+
+  def _generate_examples(self, docs):
+    return _examples(docs)
+
+
+class TwistPythonDocs(_SplitCorpus):
   """Docstrings and doc files of the running Python's standard library (no download)."""
 
-  VERSION = tfds.core.Version('1.0.0')
-
-  def _info(self):
-    return _text_info(self)
-
-  def _split_generators(self, dl_manager):
-    docs = documents.stdlib_documents()
-    splits = documents.split_documents(docs, self.builder_config.val_fraction)
-    return {split: self._generate_examples(split_docs) for split, split_docs in splits.items()}
-
-  def _generate_examples(self, docs):
-    return _examples(docs)
+  def _documents(self):
+    return documents.stdlib_documents()
 
 
-class TwistTextFiles(_HereCodePath, tfds.core.GeneratorBasedBuilder):
+class TwistPythonSource(_SplitCorpus):
+  """The running Python's standard-library source code, one module a document (no download)."""
+
+  def _documents(self):
+    return documents.stdlib_source_documents()
+
+  def _split(self, docs, val_fraction):
+    return documents.split_source_like_docs(docs, documents.stdlib_documents(), val_fraction)
+
+
+class TwistTextFiles(_SplitCorpus):
   """The user's text files, one document each."""
 
-  VERSION = tfds.core.Version('1.0.0')
-
-  def _info(self):
-    return _text_info(self)
-
-  def _split_generators(self, dl_manager):
-    docs = documents.text_file_documents(list(self.builder_config.paths))
-    splits = documents.split_documents(docs, self.builder_config.val_fraction)
-    return {split: self._generate_examples(split_docs) for split, split_docs in splits.items()}
-
-  def _generate_examples(self, docs):
-    return _examples(docs)
+  def _documents(self):
+    return documents.text_file_documents(list(self.builder_config.paths))
 
 
 class TwistWikitext(_HereCodePath, tfds.core.GeneratorBasedBuilder):

@@ -133,7 +133,7 @@ def protocol(cfg, context: int) -> str:
   vocab = {'bytes': 256, 'gpt2': tokenizers.GPT2_VOCAB_SIZE}.get(spec.tokenizer,
                                                                   spec.bpe_vocab_size)
   split = 'validation' if spec.name in sources.BUILT_IN else 'validation (or test)'
-  if spec.name in ('python_docs', 'text_files'):
+  if spec.name in sources.HASH_SPLIT:
     split += f' (val_fraction={spec.val_fraction:g})'
   return (f'data={spec.name} split={split} tokenizer={spec.tokenizer} (V={vocab}) '
           f'windows of {context + 1} tokens at stride {context}, non-overlapping (each token '

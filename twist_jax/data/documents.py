@@ -26,6 +26,9 @@ _DOC_NODES = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
 _BLOCK_NODES = (ast.stmt, ast.excepthandler, ast.match_case)
 # pydoc's topic help is a dict of language-reference pages: one document per topic.
 _PYDOC_TOPICS = 'pydoc_data/topics.py'
+# python_source keeps out of training any module quoting a python_docs validation paragraph of
+# at least this many characters.
+SHARED_PARAGRAPH = 200
 # A top-level WikiText heading is ' = Title = '; sections are ' = = Title = = '.
 _WIKI_HEADING = re.compile(r'^ = (?!=).* = $', re.MULTILINE)
 
@@ -110,6 +113,41 @@ def stdlib_documents() -> list[Document]:
     else:
       docs.append((name, path.read_text('utf-8', errors='replace')))
   return [(name, text) for name, text in docs if text.strip()]
+
+
+# --- python_source: the same stdlib's code ----------------------------------------------------
+
+
+def stdlib_source_documents() -> list[Document]:
+  """The full text of the running Python's stdlib `.py` files, one document per module.
+
+  Same files as python_docs' modules (no tests, no site-packages) and the same names, so a module
+  falls on the same side of the name-hash split in both corpora: at equal `val_fraction`, no
+  python_docs validation docstring is python_source training text. pydoc's topics file is left
+  out, because python_docs splits it per topic.
+  """
+  root, docs = stdlib_root(), []
+  for path in tqdm.tqdm(stdlib_files(root), desc='python_source: reading stdlib', unit='file',
+                        mininterval=1.0, leave=False):
+    name = path.relative_to(root).as_posix()
+    if path.suffix == '.py' and name != _PYDOC_TOPICS:
+      docs.append((name, path.read_text('utf-8', errors='replace')))
+  return [(name, text) for name, text in docs if text.strip()]
+
+
+def split_source_like_docs(source: list[Document], docs: list[Document],
+                           val_fraction: float) -> dict[str, list[Document]]:
+  """python_source's split: by name hash as python_docs is (same names, same side), then any
+  training module that quotes a paragraph (>= SHARED_PARAGRAPH characters) of a python_docs
+  validation document moves to validation too (a few stdlib modules copy each other's
+  docstrings)."""
+  splits = split_documents(source, val_fraction)
+  held_out = [p for _, text in split_documents(docs, val_fraction)['validation']
+              for p in text.split('\n\n') if len(p) >= SHARED_PARAGRAPH]
+  quotes = lambda text: any(p in text for p in held_out)
+  moved = [d for d in splits['train'] if quotes(d[1])]
+  return {'train': [d for d in splits['train'] if d not in moved],
+          'validation': splits['validation'] + moved}
 
 
 # --- text_files: the user's own files -------------------------------------------------------

@@ -13,9 +13,10 @@ from twist_jax.data import documents
 from twist_jax.data.tokenizers import MIN_BPE_VOCAB, TOKENIZERS
 from twist_jax.errors import ConfigError, DataError
 
-BUILT_IN = ('python_docs', 'text_files', 'wikitext2', 'wikitext103')
+BUILT_IN = ('python_docs', 'python_source', 'text_files', 'wikitext2', 'wikitext103')
 DATASETS = BUILT_IN + ('tfds:<catalog name>',)
 SPLITS = ('train', 'validation')
+HASH_SPLIT = ('python_docs', 'python_source', 'text_files')  # split by document-name hash
 _READ_CHUNK = 1024  # records per array_record read
 
 
@@ -54,7 +55,7 @@ def validate(spec: DataSpec) -> None:
                                       and MIN_BPE_VOCAB <= spec.bpe_vocab_size < 2**31):
     raise ConfigError('data.bpe_vocab_size',
                       f'must be an int >= {MIN_BPE_VOCAB}, got {spec.bpe_vocab_size!r}')
-  if spec.name in ('python_docs', 'text_files') and not 0 < spec.val_fraction < 1:
+  if spec.name in HASH_SPLIT and not 0 < spec.val_fraction < 1:
     raise ConfigError('data.val_fraction', f'must be in (0, 1), got {spec.val_fraction!r}')
   if spec.name == 'text_files' and not spec.files:
     raise ConfigError('data.files', 'text_files needs a glob, e.g. "~/corpus/**/*.txt"')
@@ -64,8 +65,8 @@ def validate(spec: DataSpec) -> None:
 
 def corpus_id(spec: DataSpec) -> str:
   """A file-name-safe identity of the corpus and its split, used as the cache key."""
-  if spec.name == 'python_docs':
-    return f'python_docs-py{platform.python_version()}-vf{spec.val_fraction:g}'
+  if spec.name in ('python_docs', 'python_source'):
+    return f'{spec.name}-py{platform.python_version()}-vf{spec.val_fraction:g}'
   if spec.name == 'text_files':
     return f'text_files-{files_fingerprint(spec.files)}-vf{spec.val_fraction:g}'
   if spec.name.startswith('tfds:'):
@@ -92,9 +93,10 @@ def _builders():
 def _builder_args(spec: DataSpec) -> tuple[str, dict, dict]:
   """(registered tfds name, builder kwargs, download_and_prepare kwargs) for a built-in corpus."""
   b, vf = _builders(), spec.val_fraction
-  if spec.name == 'python_docs':
+  if spec.name in ('python_docs', 'python_source'):
     config = b.SplitConfig(name=f'py{platform.python_version()}-vf{vf:g}', val_fraction=vf)
-    return b.TwistPythonDocs.name, {'config': config}, {}
+    builder = b.TwistPythonDocs if spec.name == 'python_docs' else b.TwistPythonSource
+    return builder.name, {'config': config}, {}
   if spec.name == 'text_files':
     paths = documents.match_files(spec.files)
     config = b.SplitConfig(name=f'{files_fingerprint(spec.files)}-vf{vf:g}', val_fraction=vf,

@@ -31,12 +31,13 @@ def gather_windows(tokens: np.ndarray, index: np.ndarray, context: int) -> np.nd
 
 
 def validation_windows(tokens: np.ndarray, context: int, max_windows: int | None = None):
-  """All non-overlapping windows of a split in order (the first `max_windows` if given)."""
+  """The split's non-overlapping windows in order; with `max_windows` (> 0) at most that many,
+  spread evenly over the whole split (window i * count // max_windows), not its first part."""
   count = num_windows(len(tokens), context)
   if count == 0:
     raise DataError(f'validation split has {len(tokens)} tokens; a window needs {context + 1}')
-  if max_windows is not None:
-    count = min(count, max_windows)
+  if max_windows and max_windows < count:
+    return gather_windows(tokens, np.arange(max_windows) * count // max_windows, context)
   return gather_windows(tokens, np.arange(count), context)
 
 
