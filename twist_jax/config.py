@@ -83,7 +83,8 @@ def default_config() -> ml_collections.ConfigDict:
   d.data_dir = ""  # cache root; '' = $TWIST_DATA_DIR or ~/.cache/twist_jax
   d.files = ""  # glob, for text_files
   d.val_fraction = 0.05
-  d.manual_dir = ""  # folder holding a downloaded archive (wikitext)
+  d.manual_dir = ""  # wikitext: folder with the official zip or Hugging Face's parquet files
+  #                    (docs/data.md); '' = download
   d.text_feature = "text"  # tfds catalog datasets
   d.max_train_bytes = 0  # 0 = whole training split
   d.batch_size = 8  # per worker per step
