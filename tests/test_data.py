@@ -276,16 +276,21 @@ def test_wikitext_zip_and_parquet_give_the_same_documents_and_tokens(tmp_path, l
   assert len(_decode_docs(b, 'train')) == 2
 
 
-def test_wikitext_manual_dir_without_either_format_names_both(tmp_path):
-  (tmp_path / 'm').mkdir()
-  (tmp_path / 'm' / 'wiki.train.raw').write_text(WIKI_TRAIN)
+@pytest.mark.parametrize('contents', ['a raw file', 'nothing', 'no folder'])
+def test_wikitext_manual_dir_without_either_format_names_both(tmp_path, contents):
+  manual = tmp_path / 'm'
+  if contents != 'no folder':
+    manual.mkdir()
+  if contents == 'a raw file':  # neither the zip, nor its folder, nor parquet
+    (manual / 'wiki.train.raw').write_text(WIKI_TRAIN)
   with pytest.raises(DataError) as e:
-    data.load(_cfg(tmp_path / 'c', name='wikitext103', manual_dir=str(tmp_path / 'm')))
+    data.load(_cfg(tmp_path / 'c', name='wikitext103', manual_dir=str(manual)))
   msg = str(e.value)
   assert '\n' not in msg
   for part in ('data.manual_dir', 'wikitext-103-raw-v1.zip', 'Salesforce/wikitext',
                'train-*-of-*.parquet', 'wikitext-103-raw-v1/ subfolder', 'docs/data.md'):
     assert part in msg, msg
+  assert not (tmp_path / 'c' / 'tokens').exists()
 
 
 def test_wikitext_parquet_with_a_missing_shard_names_it(tmp_path):
