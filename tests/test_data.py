@@ -71,7 +71,8 @@ def test_bad_config_names_field(tmp_path, field, value):
 
 
 def test_unknown_name_lists_allowed(tmp_path):
-  with pytest.raises(ConfigError, match='python_docs, python_source, text_files, wikitext2, wikitext103, tfds:'):
+  with pytest.raises(ConfigError,
+                     match='python_docs, python_source, text_files, wikitext2, wikitext103, tfds:'):
     data.load(_cfg(tmp_path, name='wiki'))
 
 
