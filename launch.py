@@ -10,10 +10,15 @@ When training finishes (not when interrupted), the final model and eval.golden_s
 subnets per ratio in eval.golden_kappas are evaluated on the val_loss windows: a short table is
 printed and WORKDIR/golden_tickets.{md,json,png} written (a rerun prints the saved table).
 
-Bad input (a missing or broken --config file, a bad field value) exits with status 2 and a
-one-line message naming the flag or field, before anything is written.
+`--config.deterministic=True` puts XLA's deterministic-GPU-ops flag into XLA_FLAGS before JAX
+starts its backend (docs/method.md §10).
+
+Bad input (a missing or broken --config file, a bad field value, an unknown field) exits with
+status 2 and a one-line message naming the flag or field, before anything is written.
 """
 
+import difflib
+import importlib.util
 import os
 import sys
 
@@ -108,12 +113,38 @@ def _parse(argv):
   except (AttributeError, KeyError) as e:  # ml_collections: an override of an unknown field
     if "get_config" in str(e):
       _fail(f"--config {spec}: the file defines no get_config(arg=None)")
-    bad = [a.split("=")[0] for a in argv if a.startswith("--config.")]
-    _fail(f"unknown config field {str(e).strip(chr(34))} in {' '.join(bad)}")
+    fields = [a.split("=")[0][len("--config."):] for a in argv if a.startswith("--config.")]
+    first_line = str(e.args[0] if e.args else e).splitlines()[0]
+    _fail(_unknown_field(spec, fields) or f"unknown config field {first_line} in "
+          f"{' '.join('--config.' + f for f in fields)}")
   except Exception as e:  # pylint: disable=broad-except  (the config file's own code failed)
     _fail(f"--config {spec}: loading it failed: {type(e).__name__}: {e}")
   finally:
     sys.argv = saved
+
+
+def _unknown_field(spec: str, fields: list[str]) -> str | None:
+  """'unknown config field a.b (did you mean a.c?)' for the first of the dotted `fields` that the
+  config file's get_config does not have (ml_collections' own message spans lines)."""
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("twist_launch_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  config = module.get_config(arg) if arg else module.get_config()
+  for field in fields:
+    node, parts = config, field.split(".")
+    for i, part in enumerate(parts):
+      prefix = ".".join(parts[:i])
+      if not hasattr(node, "keys"):
+        return f"unknown config field {field} ({prefix} is a value, not a section)"
+      if part not in node:
+        near = difflib.get_close_matches(part, list(node.keys()), n=1)
+        where = f"{prefix}." if prefix else ""
+        hint = (f"did you mean {where}{near[0]}?" if near else
+                f"{prefix or 'the top level'} has {', '.join(sorted(node.keys()))}")
+        return f"unknown config field {field} ({hint})"
+      node = node[part]
+  return None
 
 
 def loaded_configdict():
@@ -160,11 +191,16 @@ def _main(argv):
   if not _WORKDIR.value:
     _fail("--workdir is required: the folder for config.json, metrics.jsonl and checkpoints")
   c = loaded_configdict()
-  from twist_jax import parallel
+  from twist_jax import config as config_lib, parallel
+  from twist_jax.errors import DivergenceError, UserError
+
+  try:  # XLA reads XLA_FLAGS when JAX starts a backend: set it before anything can
+    config_lib.apply_determinism(c.get("deterministic") is True)
+  except UserError as e:
+    _fail(str(e))
 
   parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  from twist_jax import config as config_lib, evaluate, train
-  from twist_jax.errors import DivergenceError, UserError
+  from twist_jax import evaluate, train
 
   try:
     cfg = config_lib.from_configdict(c)

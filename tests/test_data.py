@@ -1,6 +1,8 @@
 """Data package: tfds-built corpora (no TF, no network), tokenizers, caches, window iterators."""
 
 import json
+import os
+import pathlib
 import threading
 import types
 import zipfile
@@ -69,7 +71,8 @@ def test_bad_config_names_field(tmp_path, field, value):
 
 
 def test_unknown_name_lists_allowed(tmp_path):
-  with pytest.raises(ConfigError, match='python_docs, text_files, wikitext2, wikitext103, tfds:'):
+  with pytest.raises(ConfigError,
+                     match='python_docs, python_source, text_files, wikitext2, wikitext103, tfds:'):
     data.load(_cfg(tmp_path, name='wiki'))
 
 
@@ -197,14 +200,38 @@ def test_editing_a_file_rebuilds_and_max_train_bytes_truncates(tmp_path):
 
 WIKI_TRAIN = (' \n = Alpha = \n \n Alpha is a letter . \n \n = = History = = \n \n It is old . \n'
               ' \n = Beta = \n \n Beta follows alpha . \n')
+WIKI_SPLITS = {'train': WIKI_TRAIN, 'validation': ' \n = Gamma = \n \n Gamma is third . \n',
+               'test': ' \n = Delta = \n \n Delta is fourth . \n'}
 
 
-def _wikitext_zip(folder):
-  folder.mkdir()
-  with zipfile.ZipFile(folder / 'wikitext-2-raw-v1.zip', 'w') as zf:
-    zf.writestr('wikitext-2-raw/wiki.train.raw', WIKI_TRAIN)
-    zf.writestr('wikitext-2-raw/wiki.valid.raw', ' \n = Gamma = \n \n Gamma is third . \n')
-    zf.writestr('wikitext-2-raw/wiki.test.raw', ' \n = Delta = \n \n Delta is fourth . \n')
+def _wikitext_zip(folder, config='wikitext-2-raw-v1'):
+  folder.mkdir(parents=True)
+  with zipfile.ZipFile(folder / f'{config}.zip', 'w') as zf:
+    for split, filename in documents.WIKITEXT_RAW_FILES.items():
+      zf.writestr(f'{config.removesuffix("-v1")}/{filename}', WIKI_SPLITS[split])
+  return folder
+
+
+def _hf_rows(raw: str) -> list[str]:
+  """Rows as Hugging Face made them: one per line of the raw file, newline kept, and '' for a
+  line that is only whitespace."""
+  return [line if line.strip() else '' for line in raw.splitlines(keepends=True)]
+
+
+def _wikitext_parquet(folder, train_shards=2, skip=()):
+  """Hugging Face's file names; train is cut into `train_shards` shards mid-article."""
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+
+  folder.mkdir(parents=True)
+  for split, raw in WIKI_SPLITS.items():
+    rows = _hf_rows(raw)
+    n = train_shards if split == 'train' else 1
+    cuts = [len(rows) * i // n for i in range(n + 1)]
+    for i in range(n):
+      name = f'{split}-{i:05d}-of-{n:05d}.parquet'
+      if name not in skip:
+        pq.write_table(pa.table({'text': rows[cuts[i]:cuts[i + 1]]}), folder / name)
   return folder
 
 
@@ -223,14 +250,86 @@ def test_wikitext_from_manual_dir(tmp_path):
   assert _decode_docs(ds, 'validation') == [' \n = Gamma = \n \n Gamma is third . \n']
 
 
+def test_wikitext_parquet_rows_rebuild_the_raw_file(tmp_path):
+  shards = documents.find_wikitext(str(_wikitext_parquet(tmp_path / 'hf', train_shards=3)),
+                                   'wikitext-2-raw-v1')
+  assert [os.path.basename(p) for p in shards['train']] == [
+      f'train-0000{i}-of-00003.parquet' for i in range(3)]
+  for split, raw in WIKI_SPLITS.items():
+    assert documents.read_wikitext_split(shards, split) == raw
+
+
+@pytest.mark.parametrize('layout', ['loose', 'subfolder'])
+def test_wikitext_zip_and_parquet_give_the_same_documents_and_tokens(tmp_path, layout):
+  zipped = _wikitext_zip(tmp_path / 'zip')
+  hf = tmp_path / 'hf'
+  if layout == 'subfolder':  # a snapshot of the HF repo: one folder per config
+    _wikitext_parquet(hf / 'wikitext-2-raw-v1')
+    (hf / 'wikitext-2-v1').mkdir()  # the tokenised variant, which must not be read
+    (hf / 'wikitext-2-v1' / 'train-00000-of-00001.parquet').write_text('not parquet')
+  else:
+    _wikitext_parquet(hf)
+  a = data.load(_cfg(tmp_path / 'cache_zip', name='wikitext2', manual_dir=str(zipped)))
+  b = data.load(_cfg(tmp_path / 'cache_hf', name='wikitext2', manual_dir=str(hf)))
+  for split, raw in (('train', WIKI_TRAIN), ('validation', WIKI_SPLITS['validation'])):
+    assert _decode_docs(b, split) == documents.wikitext_articles(raw) == _decode_docs(a, split)
+    np.testing.assert_array_equal(b.tokens(split), a.tokens(split))
+  assert len(_decode_docs(b, 'train')) == 2
+
+
+@pytest.mark.parametrize('contents', ['a raw file', 'nothing', 'no folder'])
+def test_wikitext_manual_dir_without_either_format_names_both(tmp_path, contents):
+  manual = tmp_path / 'm'
+  if contents != 'no folder':
+    manual.mkdir()
+  if contents == 'a raw file':  # neither the zip, nor its folder, nor parquet
+    (manual / 'wiki.train.raw').write_text(WIKI_TRAIN)
+  with pytest.raises(DataError) as e:
+    data.load(_cfg(tmp_path / 'c', name='wikitext103', manual_dir=str(manual)))
+  msg = str(e.value)
+  assert '\n' not in msg
+  for part in ('data.manual_dir', 'wikitext-103-raw-v1.zip', 'Salesforce/wikitext',
+               'train-*-of-*.parquet', 'wikitext-103-raw-v1/ subfolder', 'docs/data.md'):
+    assert part in msg, msg
+  assert not (tmp_path / 'c' / 'tokens').exists()
+
+
+def test_wikitext_parquet_with_a_missing_shard_names_it(tmp_path):
+  hf = _wikitext_parquet(tmp_path / 'hf', skip=('train-00001-of-00002.parquet',))
+  with pytest.raises(DataError, match='lacks train-00001-of-00002.parquet'):
+    data.load(_cfg(tmp_path / 'c', name='wikitext2', manual_dir=str(hf)))
+
+
+def _offline(*args, **kwargs):
+  raise ConnectionError('network is blocked in tests')
+
+
+def test_wikitext_download_takes_the_hf_parquet(tmp_path, monkeypatch):
+  import huggingface_hub
+
+  calls = []
+
+  def snapshot(repo_id, *, repo_type, local_dir, allow_patterns):
+    calls.append((repo_id, repo_type, allow_patterns))
+    _wikitext_parquet(pathlib.Path(local_dir) / 'wikitext-2-raw-v1')
+    return local_dir
+  monkeypatch.setattr(huggingface_hub, 'snapshot_download', snapshot)
+  monkeypatch.setattr(tfds.download.DownloadManager, 'download', _offline)
+  ds = data.load(_cfg(tmp_path, name='wikitext2'))
+  assert calls == [('Salesforce/wikitext', 'dataset', ['wikitext-2-raw-v1/*.parquet'])]
+  assert _decode_docs(ds, 'train') == documents.wikitext_articles(WIKI_TRAIN)
+
+
 def test_wikitext_offline_without_manual_dir_says_what_to_do(tmp_path, monkeypatch):
-  def offline(*args, **kwargs):
-    raise ConnectionError('network is blocked in tests')
-  monkeypatch.setattr(tfds.download.DownloadManager, 'download', offline)
-  with pytest.raises(DataError, match='data.manual_dir'):
+  import huggingface_hub
+
+  monkeypatch.setattr(huggingface_hub, 'snapshot_download', _offline)
+  monkeypatch.setattr(tfds.download.DownloadManager, 'download', _offline)
+  with pytest.raises(DataError) as e:
     data.load(_cfg(tmp_path, name='wikitext103'))
-  with pytest.raises(DataError, match='no wikitext-103-raw-v1.zip in data.manual_dir'):
-    data.load(_cfg(tmp_path, name='wikitext103', manual_dir=str(_wikitext_zip(tmp_path / 'm'))))
+  for part in ('could not download', 'Salesforce/wikitext: ConnectionError',
+               'wikitext-103-raw-v1.zip: ConnectionError', 'set data.manual_dir'):
+    assert part in str(e.value), str(e.value)
 
 
 # --- tfds catalog datasets -----------------------------------------------------------------------

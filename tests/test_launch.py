@@ -5,12 +5,15 @@ numbers are evaluate's own, and a rerun shows the saved table without recomputin
 import json
 import os
 import re
+import subprocess
 import sys
+
+import jax
 
 import numpy as np
 import pytest
 
-from twist_jax import checkpoint, data, evaluate, subnets
+from twist_jax import checkpoint, config as config_lib, data, evaluate, subnets
 
 from helpers import exit_code
 
@@ -62,6 +65,23 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, ca
   lines = err.strip().splitlines()
   assert code == 2, err
   assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], err
+  assert not workdir.exists()
+
+
+@pytest.mark.parametrize("override,line", [
+    ("--config.subnet.kapa=0.5", "unknown config field subnet.kapa (did you mean subnet.kappa?)"),
+    ("--config.stepz=10", "unknown config field stepz (did you mean steps?)"),
+    ("--config.steps.every=10", "unknown config field steps.every (steps is a value, not a "
+     "section)"),
+    ("--config.zzz.lr=1", "unknown config field zzz.lr (the top level has "
+     f"{', '.join(sorted(config_lib.default_config().keys()))})"),
+])
+def test_unknown_field_is_one_clean_line_with_a_suggestion(tmp_path, capsys, override, line):
+  workdir = tmp_path / "wd"
+  code = exit_code(launch.main, ["--config", SMOKE, "--workdir", workdir, "--config.opt.lr=0.1",
+                                 override])
+  err = capsys.readouterr().err
+  assert code == 2 and err == f"error: {line}\n", err
   assert not workdir.exists()
 
 
@@ -140,3 +160,53 @@ def test_golden_samples_0_disables_it(tmp_path, capsys):
                                  "--config.eval.golden_samples=0"]) == 0
   assert "golden tickets" not in capsys.readouterr().out
   assert not (workdir / "golden_tickets.json").exists()
+
+
+# ---- deterministic: XLA's flag is set before JAX starts a backend --------------------------------
+
+# Runs launch.main in a fresh process with train.train replaced by a probe that reports what XLA
+# will read when the backend starts (the probe runs before anything touches a device).
+PROBE = """
+import os, sys
+sys.path.insert(0, {root!r})
+import launch
+from jax._src import xla_bridge
+from twist_jax import train
+
+def probe(cfg, workdir):
+  print("started:", xla_bridge.backends_are_initialized())
+  print("XLA_FLAGS:", os.environ.get("XLA_FLAGS", ""))
+  return {{"step": 0, "interrupted": "probe"}}
+
+train.train = probe
+launch.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("setting,expect", [([], False), (["--config.deterministic=True"], True)])
+def test_deterministic_reaches_xla_flags_before_the_backend_starts(tmp_path, setting, expect):
+  proc = subprocess.run([sys.executable, "-c", PROBE.format(root=ROOT), "--config", SMOKE,
+                         "--workdir", str(tmp_path / "wd"), *setting], cwd=ROOT,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  out = dict(ln.split(": ", 1) for ln in proc.stdout.splitlines() if ": " in ln)
+  assert out["started"] == "False", proc.stdout
+  assert (config_lib.DETERMINISTIC_FLAG in out["XLA_FLAGS"].split()) == expect, proc.stdout
+  assert "--xla_force_host_platform_device_count=8" in out["XLA_FLAGS"]  # the rest is kept
+
+
+def test_deterministic_after_the_backend_started(monkeypatch):
+  from jax._src import xla_bridge
+
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+  jax.devices()  # the CPU backend starts
+  assert xla_bridge.backends_are_initialized()
+  config_lib.apply_determinism(True)  # CPU: deterministic anyway, nothing to refuse
+  assert config_lib.DETERMINISTIC_FLAG not in os.environ["XLA_FLAGS"]
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  with pytest.raises(config_lib.ConfigError, match="'deterministic': JAX's gpu backend started"):
+    config_lib.apply_determinism(True)
+  config_lib.apply_determinism(False)  # not asked for: nothing to refuse
+  monkeypatch.setenv("XLA_FLAGS", config_lib.DETERMINISTIC_FLAG)
+  config_lib.apply_determinism(True)  # set by the user before Python started

@@ -16,6 +16,12 @@ import orbax.checkpoint as ocp
 
 from twist_jax.errors import DataError
 
+ITEMS = ("state", "meta")
+# What a damaged or foreign checkpoint raises: missing or unreadable files (OSError), bad JSON,
+# tensorstore data errors, and orbax's shape/tree mismatches (all ValueError). Anything else
+# (TypeError, KeyError, ...) is a bug here and propagates with its traceback.
+UNREADABLE = (OSError, ValueError)
+
 
 def manager(workdir: str, keep: int | None = None) -> ocp.CheckpointManager:
   """Manager of WORKDIR/checkpoints; keep=None leaves deleting to the caller (the trainer keeps
@@ -35,13 +41,23 @@ def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict) -> None:
 def restore(mngr: ocp.CheckpointManager, step: int, like_state):
   """(state, meta) at `step`, restored into the shapes/shardings of `like_state`."""
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like_state)
+  _check_items(mngr, step)
   try:
     out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                      meta=ocp.args.JsonRestore()))
-  except (ValueError, KeyError, OSError, TypeError) as e:
+  except UNREADABLE as e:
     raise DataError(f"checkpoint {mngr.directory}/{step} is unreadable or does not match this "
                     f"config ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
   return out.state, out.meta
+
+
+def _check_items(mngr: ocp.CheckpointManager, step: int) -> None:
+  """DataError if the step's folder lacks an item (orbax would raise a bare KeyError, which
+  cannot be told apart from a bug). Steps are plain `{step}` folders (default options)."""
+  folder = mngr.directory / str(step)  # an epath: local or cloud storage alike
+  missing = [item for item in ITEMS if not (folder / item).is_dir()]
+  if missing:
+    raise DataError(f"checkpoint {folder} is unreadable: it has no {' or '.join(missing)} folder")
 
 
 def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
@@ -57,10 +73,11 @@ def latest_params(workdir: str):
   step = mngr.latest_step()
   if step is None:
     raise DataError(f"no complete checkpoint in {path!r}")
+  _check_items(mngr, step)
   try:
     out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
                                                      meta=ocp.args.JsonRestore()))
-  except (ValueError, KeyError, OSError, TypeError) as e:
+  except UNREADABLE as e:
     raise DataError(f"checkpoint {path}/{step} is unreadable ({e})") from e
   return out.state["params"], out.meta
 

@@ -8,6 +8,7 @@ converts the result once with `from_configdict`, which checks every field and ra
 
 import dataclasses
 import math
+import os
 
 import ml_collections
 
@@ -29,6 +30,10 @@ def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0  # root seed: init, data order and subnet samples all derive from it
   c.steps = 600  # optimizer steps per worker (a round is twist.local_steps of them)
+  # GPU: XLA's deterministic reductions and scatter-adds, so that a rerun or a resume repeats a
+  # run bit for bit (CPU runs do anyway); costs GPU speed (docs/method.md §10). Applied before
+  # JAX starts its backend (launch.py does; in-process on a started GPU it is an error).
+  c.deterministic = False
 
   c.model = m = ml_collections.ConfigDict()
   m.n_layer = 4  # N
@@ -83,7 +88,8 @@ def default_config() -> ml_collections.ConfigDict:
   d.data_dir = ""  # cache root; '' = $TWIST_DATA_DIR or ~/.cache/twist_jax
   d.files = ""  # glob, for text_files
   d.val_fraction = 0.05
-  d.manual_dir = ""  # folder holding a downloaded archive (wikitext)
+  d.manual_dir = ""  # wikitext: folder with the official zip or Hugging Face's parquet files
+  #                    (docs/data.md); '' = download
   d.text_feature = "text"  # tfds catalog datasets
   d.max_train_bytes = 0  # 0 = whole training split
   d.batch_size = 8  # per worker per step
@@ -103,6 +109,9 @@ def default_config() -> ml_collections.ConfigDict:
   k.on_divergence = "stop"  # NaN/Inf loss or params: stop | rollback (to the last checkpoint,
   #                           skipping the offending batches)
   k.max_rollbacks = 3  # rollbacks allowed before stopping anyway
+  # Resuming with another steps / opt.lr / opt.warmup_steps / opt.min_lr_ratio (the learning-rate
+  # schedule) is refused unless this is True; the change is then logged in metrics.jsonl.
+  k.allow_schedule_change = False
 
   c.log = g = ml_collections.ConfigDict()
   g.every = 1  # rounds between metrics lines
@@ -227,6 +236,9 @@ def from_configdict(c: ml_collections.ConfigDict) -> Config:
   _int("ckpt.keep", k.keep)
   _choice("ckpt.on_divergence", k.on_divergence, ("stop", "rollback"))
   _int("ckpt.max_rollbacks", k.max_rollbacks, allow_zero=True)
+  if not isinstance(k.allow_schedule_change, bool):
+    raise ConfigError("ckpt.allow_schedule_change", f"got {k.allow_schedule_change!r}; must be "
+                      "True or False")
   g = _section(LogConfig, c.log, "log")
   _int("log.every", g.every)
   i = _section(InitConfig, c.init, "init")
@@ -237,15 +249,18 @@ def from_configdict(c: ml_collections.ConfigDict) -> Config:
                       "twist.distill > 0 (TwIST workers distill from the round-start model)")
 
   _int("steps", c.steps)
+  if not isinstance(c.get("deterministic", False), bool):
+    raise ConfigError("deterministic", f"got {c.deterministic!r}; must be True or False")
   if c.steps % t.local_steps:
     raise ConfigError("steps", f"got {c.steps}; must be a multiple of twist.local_steps="
                       f"{t.local_steps}")
-  known = {"seed", "steps", "model", "subnet", "twist", "opt", "data", "eval", "ckpt", "log",
-           "init"}
+  known = {"seed", "steps", "deterministic", "model", "subnet", "twist", "opt", "data", "eval",
+           "ckpt", "log", "init"}
   unknown = sorted(set(c.keys()) - known)
   if unknown:
     raise ConfigError(unknown[0], f"unknown field; known: {', '.join(sorted(known))}")
-  cfg = Config(int(c.seed), int(c.steps), m, s, t, o, d, e, k, g, i)
+  cfg = Config(int(c.seed), int(c.steps), m, s, t, o, d, e, k, g, i,
+               deterministic=c.get("deterministic", False))
   _check_subnet_sizes(cfg)
   return cfg
 
@@ -273,6 +288,30 @@ def _check_subnet_sizes(cfg: Config) -> None:
   if cfg.twist.variant == "ddp":
     return
   subnets.make_spec(cfg.model.model_config(256), cfg.subnet, cfg.twist.workers)
+
+
+DETERMINISTIC_FLAG = "--xla_gpu_deterministic_ops=true"
+
+
+def apply_determinism(deterministic: bool) -> None:
+  """With `deterministic`, appends DETERMINISTIC_FLAG to XLA_FLAGS (docs/method.md §10).
+
+  XLA reads XLA_FLAGS once, when JAX starts its first backend, so this must run before anything
+  touches a device. Later it is a ConfigError, unless the flag is already set or the backend is
+  the CPU (whose reductions and scatters are deterministic without it).
+  """
+  flags = os.environ.get("XLA_FLAGS", "")
+  if not deterministic or DETERMINISTIC_FLAG in flags.split():
+    return
+  import jax  # pylint: disable=import-outside-toplevel
+  from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel  (no public check)
+
+  if not xla_bridge.backends_are_initialized():
+    os.environ["XLA_FLAGS"] = f"{flags} {DETERMINISTIC_FLAG}".strip()
+  elif jax.default_backend() != "cpu":
+    raise ConfigError("deterministic", f"JAX's {jax.default_backend()} backend started before "
+                      f"the flag could be set; run through launch.py, or set XLA_FLAGS="
+                      f"{DETERMINISTIC_FLAG} before starting Python")
 
 
 def lr_at(opt: OptConfig, total_steps: int, step):

@@ -73,6 +73,7 @@ class CkptConfig:
   keep: int
   on_divergence: str = "stop"
   max_rollbacks: int = 3
+  allow_schedule_change: bool = False  # resume with other SCHEDULE_FIELDS (train.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +122,7 @@ class Config:
   ckpt: CkptConfig
   log: LogConfig
   init: InitConfig
+  deterministic: bool = False  # defaulted: config.json files written before it existed load
 
   @property
   def num_rounds(self) -> int:

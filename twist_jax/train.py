@@ -125,19 +125,78 @@ def build(cfg: config_lib.Config, workdir: str) -> Run:
 # ---- workdir files -------------------------------------------------------------------------------
 
 
-def _check_resume_config(workdir: str, resolved: dict) -> None:
-  """Resuming a workdir with another config is refused, naming the fields that differ."""
+# What the learning-rate schedule reads (config.lr_at). The data order and the subnet draws depend
+# on none of them, but a run resumed with other values follows another schedule from there on.
+SCHEDULE_FIELDS = ("steps", "opt.lr", "opt.warmup_steps", "opt.min_lr_ratio")
+# What a resumed run may change freely: how often it logs, evaluates and saves, and where it finds
+# files; none of them changes what is trained.
+RESUME_FREE = frozenset({"log.progress", "eval.every", "ckpt.every", "ckpt.keep", "log.every",
+                         "data.gpt2_bpe_dir", "eval.golden_kappas", "eval.golden_samples",
+                         "ckpt.allow_schedule_change", "deterministic"})
+SCHEDULE_EVENT = "schedule_change"  # metrics.jsonl event of a resume with other SCHEDULE_FIELDS
+
+
+def _dotted(d: dict, field: str):
+  for key in field.split("."):
+    d = d[key]
+  return d
+
+
+def _check_resume_config(workdir: str, resolved: dict) -> dict:
+  """Resuming a workdir with another config is refused, naming the fields that differ. The
+  SCHEDULE_FIELDS may differ when ckpt.allow_schedule_change is set: returns {field: [old, new]}
+  of those ({} for a new run or the same schedule)."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
-    return
+    return {}
   with open(path) as f:
     old = json.load(f)
-  allowed = {"steps", "log.progress", "eval.every", "ckpt.every", "ckpt.keep", "log.every",
-             "data.gpt2_bpe_dir", "eval.golden_kappas", "eval.golden_samples"}
-  diff = config_lib.differing_fields(old, resolved, ignore=allowed)
-  if diff:
-    raise ConfigError(diff[0], f"workdir {workdir!r} holds a run with a different config; "
-                      f"fields that differ: {', '.join(diff)} (use a new --workdir)")
+  diff = config_lib.differing_fields(old, resolved, ignore=RESUME_FREE)
+  other = [field for field in diff if field not in SCHEDULE_FIELDS]
+  if other:
+    raise ConfigError(other[0], f"workdir {workdir!r} holds a run with a different config; "
+                      f"fields that differ: {', '.join(other)} (use a new --workdir)")
+  changes = {field: [_dotted(old, field), _dotted(resolved, field)] for field in diff}
+  if changes and not resolved["ckpt"]["allow_schedule_change"]:
+    field, (was, now) = next(iter(changes.items()))
+    raise ConfigError(field, f"{was} in the run in {workdir!r}, {now} now: resuming with it "
+                      f"changes the learning-rate schedule; keep {field}={was}, use a new "
+                      "--workdir, or add --config.ckpt.allow_schedule_change=True (the change is "
+                      "logged in metrics.jsonl)")
+  return changes
+
+
+def _log_schedule_change(workdir: str, changes: dict) -> None:
+  """Records in metrics.jsonl, at the step the run resumes from, which schedule fields changed;
+  written before config.json takes the new values, so a crash cannot lose it."""
+  mngr = checkpoint.manager(workdir, None)
+  step = mngr.latest_step() or 0
+  mngr.close()
+  path = os.path.join(workdir, "metrics.jsonl")
+  event = {"step": step, "event": SCHEDULE_EVENT, "changed": changes}
+  files.write_text(path, "".join(_lines_up_to(path, step)) + json.dumps(event) + "\n")
+  print(f"warning: resuming at step {step} with a changed schedule: "
+        + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items()), flush=True)
+
+
+def _lines_up_to(path: str, step: int) -> list[str]:
+  """metrics.jsonl lines a run resumed at `step` keeps: those before it, its training and
+  validation lines, and schedule changes made there; a torn line (a crash) ends the file."""
+  if not os.path.exists(path):
+    return []
+  keep = []
+  with open(path) as f:
+    for ln in f:
+      if not ln.strip():
+        continue
+      try:
+        rec = json.loads(ln)
+      except json.JSONDecodeError:
+        break
+      if rec.get("step", 0) < step or (rec.get("step") == step and rec.get("event") in (
+          None, SCHEDULE_EVENT)):
+        keep.append(ln)
+  return keep
 
 
 class MetricsLog:
@@ -159,17 +218,7 @@ class MetricsLog:
     """Drops lines after the checkpoint we resume from, so no step appears twice."""
     if not self.enabled or not os.path.exists(self.path):
       return
-    with open(self.path) as f:
-      lines = [ln for ln in f if ln.strip()]
-    keep = []
-    for ln in lines:
-      try:
-        rec = json.loads(ln)
-        if rec.get("step", 0) < step or (rec.get("step") == step and "event" not in rec):
-          keep.append(ln)
-      except json.JSONDecodeError:
-        break  # a torn last line from a crash
-    files.write_text(self.path, "".join(keep))
+    files.write_text(self.path, "".join(_lines_up_to(self.path, step)))
 
   def write(self, record: dict) -> None:
     if not self.enabled:
@@ -380,11 +429,14 @@ class Trainer:
 
 def train(cfg: config_lib.Config, workdir: str) -> dict:
   """Validates everything, then trains (resuming if WORKDIR has a checkpoint)."""
+  config_lib.apply_determinism(cfg.deterministic)  # before anything touches a device
   resolved = config_lib.to_dict(cfg)
-  _check_resume_config(workdir, resolved)
+  schedule_changes = _check_resume_config(workdir, resolved)
   run = build(cfg, workdir)
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
+    if schedule_changes:
+      _log_schedule_change(workdir, schedule_changes)
     files.write_json(os.path.join(workdir, "config.json"), resolved, sort_keys=True)
   n_params = run.model.num_params()
   if jax.process_index() == 0:

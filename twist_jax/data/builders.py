@@ -12,12 +12,11 @@ import tensorflow_datasets as tfds
 from twist_jax.data import documents
 from twist_jax.errors import DataError
 
-WIKITEXT_URLS = {
-    'wikitext2': 'https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-2-raw-v1.zip',
-    'wikitext103': 'https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-103-raw-v1.zip',
-}
-_WIKITEXT_FILES = {'train': 'wiki.train.raw', 'validation': 'wiki.valid.raw',
-                   'test': 'wiki.test.raw'}
+# Builder config name -> the WikiText config: the official zip is `{config}.zip`, and Hugging
+# Face's dataset HF_WIKITEXT holds the same text as parquet under `{config}/`.
+WIKITEXT_CONFIGS = {'wikitext2': 'wikitext-2-raw-v1', 'wikitext103': 'wikitext-103-raw-v1'}
+WIKITEXT_URL = 'https://s3.amazonaws.com/research.metamind.io/wikitext/{config}.zip'
+HF_WIKITEXT = 'Salesforce/wikitext'
 
 
 @dataclasses.dataclass
@@ -100,38 +99,65 @@ class TwistWikitext(_HereCodePath, tfds.core.GeneratorBasedBuilder):
   """WikiText raw (Merity et al. 2016), one document per article (top-level heading)."""
 
   VERSION = tfds.core.Version('1.0.0')
-  BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=name) for name in WIKITEXT_URLS]
-  MANUAL_DOWNLOAD_INSTRUCTIONS = 'Put wikitext-2-raw-v1.zip / wikitext-103-raw-v1.zip here.'
+  BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=name) for name in WIKITEXT_CONFIGS]
+  MANUAL_DOWNLOAD_INSTRUCTIONS = 'See docs/data.md: the official zip or the HF parquet files.'
 
   def _info(self):
     return _text_info(self)
 
   def _split_generators(self, dl_manager):
-    archive = self._archive(dl_manager)
-    return {split: self._generate_examples(archive, filename)
-            for split, filename in _WIKITEXT_FILES.items()}
+    source = self._source(dl_manager)
+    return {split: self._generate_examples(source, split) for split in documents.WIKITEXT_RAW_FILES}
 
-  def _generate_examples(self, archive, filename):
-    raw = documents.read_wikitext_split(archive, filename)
+  def _generate_examples(self, source, split):
+    raw = documents.read_wikitext_split(source, split)
     for i, article in enumerate(documents.wikitext_articles(raw)):
       yield i, {'text': article}
 
-  def _archive(self, dl_manager) -> str:
-    """The zip (or extracted folder) from the manual dir if one is set, else downloaded."""
-    url = WIKITEXT_URLS[self.builder_config.name]
-    zip_name = url.rsplit('/', 1)[1]
+  def _source(self, dl_manager) -> documents.WikitextSource:
+    """What data.manual_dir holds if it is set (see `wikitext_manual_help`), else a download:
+    Hugging Face's parquet files first, then the official zip."""
+    name = self.builder_config.name
+    config = WIKITEXT_CONFIGS[name]
     manual = _manual_dir(dl_manager)
     if manual:
-      for candidate in (zip_name, zip_name.replace('-v1.zip', '')):
-        if os.path.exists(os.path.join(manual, candidate)):
-          return os.path.join(manual, candidate)
-      raise DataError(f'{self.builder_config.name}: no {zip_name} in data.manual_dir ({manual})')
+      found = documents.find_wikitext(manual, config)
+      if found is None:
+        raise DataError(f'{name}: data.manual_dir ({manual}) holds nothing usable; '
+                        f'{wikitext_manual_help(config)}')
+      return found
+    errors = []
+    try:
+      return _hf_parquet(config, os.path.join(os.fspath(dl_manager.download_dir), 'hf_wikitext'))
+    except Exception as e:  # offline, proxy, HTTP error: the zip is tried next
+      errors.append(f'{HF_WIKITEXT}: {type(e).__name__}')
+    url = WIKITEXT_URL.format(config=config)
     try:
       return os.fspath(dl_manager.download(url))
     except Exception as e:  # offline, proxy, HTTP error: all get the same advice
-      raise DataError(
-          f'{self.builder_config.name}: could not download {url} ({type(e).__name__}); '
-          f'put {zip_name} in a folder and set data.manual_dir to it') from e
+      errors.append(f'{url}: {type(e).__name__}')
+      raise DataError(f'{name}: could not download ({"; ".join(errors)}); download it yourself '
+                      f'and set data.manual_dir: {wikitext_manual_help(config)}') from e
+
+
+def wikitext_manual_help(config: str) -> str:
+  """One line on what data.manual_dir must hold for WikiText `config` (docs/data.md)."""
+  return (f'put {config}.zip (or the {config.removesuffix("-v1")}/ folder it extracts to) in it, '
+          f'or the Hugging Face parquet files of {HF_WIKITEXT} config {config} '
+          f'(train-*-of-*.parquet, validation-*.parquet, test-*.parquet) in it or in its '
+          f'{config}/ subfolder; see docs/data.md')
+
+
+def _hf_parquet(config: str, folder: str) -> dict[str, list[str]]:
+  """Downloads (or finds already downloaded) Hugging Face's parquet files of `config`."""
+  import huggingface_hub  # pylint: disable=import-outside-toplevel
+
+  huggingface_hub.snapshot_download(HF_WIKITEXT, repo_type='dataset', local_dir=folder,
+                                    allow_patterns=[f'{config}/*.parquet'])
+  found = documents.find_wikitext(os.path.join(folder, config), config)
+  if not isinstance(found, dict):
+    raise DataError(f'{HF_WIKITEXT} has no parquet files under {config}/')
+  return found
 
 
 def _manual_dir(dl_manager) -> str | None:

@@ -1,4 +1,5 @@
-"""Plain-Python document readers behind the tfds builders: stdlib docs, text files, WikiText.
+"""Plain-Python document readers behind the tfds builders: stdlib docs and source, text files,
+WikiText (official zip or Hugging Face parquet).
 
 A document is a `(name, text)` pair; the name only feeds the deterministic train/validation hash.
 """
@@ -173,7 +174,16 @@ def text_file_documents(paths: list[str]) -> list[Document]:
   return docs
 
 
-# --- wikitext2 / wikitext103: the official raw archives ---------------------------------------
+# --- wikitext2 / wikitext103: the official raw archive or Hugging Face's parquet copy ---------
+
+WIKITEXT_RAW_FILES = {'train': 'wiki.train.raw', 'validation': 'wiki.valid.raw',
+                      'test': 'wiki.test.raw'}
+# Hugging Face shard names: 'train-00000-of-00002.parquet'.
+_PARQUET_SHARD = re.compile(r'^(train|validation|test)-(\d+)-of-(\d+)\.parquet$')
+# A raw WikiText file writes an empty line as one space; Hugging Face's rows hold '' for it.
+_RAW_BLANK_LINE = ' \n'
+
+WikitextSource = str | dict[str, list[str]]  # zip or extracted folder | {split: parquet shards}
 
 
 def wikitext_articles(raw: str) -> list[str]:
@@ -187,15 +197,76 @@ def wikitext_articles(raw: str) -> list[str]:
   return [p for p in pieces if p.strip()]
 
 
-def read_wikitext_split(archive: str, filename: str) -> str:
-  """Text of `filename` (e.g. 'wiki.valid.raw') from a wikitext-*-raw zip or extracted folder."""
-  if os.path.isdir(archive):
-    paths = glob.glob(os.path.join(archive, '**', filename), recursive=True)
+def find_wikitext(folder: str, config: str) -> WikitextSource | None:
+  """What `folder` holds of WikiText `config` (e.g. 'wikitext-103-raw-v1'), or None.
+
+  First the official `{config}.zip` or the folder it extracts to (`wikitext-103-raw`), as a path;
+  else Hugging Face's parquet shards (dataset Salesforce/wikitext, config `config`) in
+  `folder/{config}/` or loosely in `folder`, as {split: shard paths in order}. A shard set with
+  a gap (an interrupted download) is a DataError naming what is missing.
+  """
+  for name in (f'{config}.zip', config.removesuffix('-v1')):
+    if os.path.exists(os.path.join(folder, name)):
+      return os.path.join(folder, name)
+  for where in (os.path.join(folder, config), folder):
+    shards = _parquet_shards(where)
+    if shards:
+      return shards
+  return None
+
+
+def _parquet_shards(folder: str) -> dict[str, list[str]] | None:
+  found: dict[str, dict[int, str]] = {}
+  totals: dict[str, set[int]] = {}
+  for path in glob.glob(os.path.join(folder, '*.parquet')):
+    if m := _PARQUET_SHARD.match(os.path.basename(path)):
+      found.setdefault(m[1], {})[int(m[2])] = path
+      totals.setdefault(m[1], set()).add(int(m[3]))
+  if not found:
+    return None
+  for split in WIKITEXT_RAW_FILES:
+    total = max(totals.get(split, {1}))
+    missing = [i for i in range(total) if i not in found.get(split, {})]
+    if missing:
+      raise DataError(f'wikitext: {folder} lacks {split}-{missing[0]:05d}-of-{total:05d}.parquet '
+                      f'({len(missing)} of the {split} shards missing)')
+  return {split: [found[split][i] for i in sorted(found[split])] for split in WIKITEXT_RAW_FILES}
+
+
+def read_wikitext_split(source: WikitextSource, split: str) -> str:
+  """The raw text of `split` (train | validation | test) from what `find_wikitext` found.
+
+  Parquet rows are the raw file's lines; its blank lines come back as ' \n', so both formats
+  give the same text.
+  """
+  if isinstance(source, dict):
+    return ''.join(parquet_lines(path) for path in source[split])
+  filename = WIKITEXT_RAW_FILES[split]
+  if os.path.isdir(source):
+    paths = glob.glob(os.path.join(source, '**', filename), recursive=True)
     if not paths:
-      raise DataError(f'wikitext: no {filename} under {archive}')
+      raise DataError(f'wikitext: no {filename} under {source}')
     return pathlib.Path(paths[0]).read_text('utf-8')
-  with zipfile.ZipFile(archive) as zf:
+  with zipfile.ZipFile(source) as zf:
     members = [m for m in zf.namelist() if m.endswith('/' + filename) or m == filename]
     if not members:
-      raise DataError(f'wikitext: archive {archive} has no {filename}')
+      raise DataError(f'wikitext: archive {source} has no {filename}')
     return zf.read(members[0]).decode('utf-8')
+
+
+def parquet_lines(path: str) -> str:
+  """A Hugging Face WikiText shard's `text` rows joined back into raw-file lines.
+
+  Hugging Face made a row of each line of the raw file, newline kept, and an empty row of each
+  blank line (the raw files write those as one space), so this is the raw text again.
+  """
+  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel  (only wikitext needs it)
+
+  try:
+    table = pq.read_table(path)
+  except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+    raise DataError(f'wikitext: {path} is not a readable parquet file ({e})') from e
+  if 'text' not in table.column_names:
+    raise DataError(f'wikitext: {path} has no text column (columns: {table.column_names})')
+  rows = table.column('text').to_pylist()
+  return ''.join(row or _RAW_BLANK_LINE for row in rows)

@@ -102,11 +102,15 @@ def _builder_args(spec: DataSpec) -> tuple[str, dict, dict]:
     config = b.SplitConfig(name=f'{files_fingerprint(spec.files)}-vf{vf:g}', val_fraction=vf,
                            paths=tuple(paths))
     return b.TwistTextFiles.name, {'config': config}, {}
-  if spec.manual_dir and not os.path.isdir(os.path.expanduser(spec.manual_dir)):
-    raise DataError(f'data.manual_dir: {spec.manual_dir} is not a folder')
+  manual = os.path.expanduser(spec.manual_dir)
+  if manual and not (os.path.isdir(manual) and os.listdir(manual)):
+    # tfds would take an empty folder for no folder and download instead of saying so.
+    what = 'an empty folder' if os.path.isdir(manual) else 'not a folder'
+    raise DataError(f'data.manual_dir: {spec.manual_dir} is {what}; '
+                    f'{b.wikitext_manual_help(b.WIKITEXT_CONFIGS[spec.name])}')
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   download = {'download_config': tfds.download.DownloadConfig(
-      manual_dir=os.path.expanduser(spec.manual_dir) or None)}
+      manual_dir=manual or None)}
   return b.TwistWikitext.name, {'config': spec.name}, download
 
 
