@@ -127,7 +127,8 @@ def spec_for(sampler="cover", kappa=0.5, workers=4, core=0.0, mode="attn_mlp"):
 
 @pytest.mark.parametrize("sampler", ["cover", "uniform", "balanced"])
 def test_core_units_are_in_every_subnet(sampler):
-  spec = spec_for(sampler, kappa=0.5, core=0.3)  # ceil(0.3 * 8) = 3 heads, ceil(0.3 * 128) = 39
+  # ceil(0.3 * 8) = 3 heads and ceil(0.3 * 128) = 39 units of 5 and 80 kept (4 workers cover)
+  spec = spec_for(sampler, kappa=0.625, core=0.3)
   for seed in range(3):
     sub = subnets.sample_subnets(jax.random.key(seed), spec)
     for kind, core in (("head", 3), ("unit", 39)):
@@ -143,6 +144,47 @@ def test_core_units_are_in_every_subnet(sampler):
 def test_core_larger_than_a_subnet_is_refused():
   with pytest.raises(ConfigError, match=r"subnet\.core.*layer 0"):
     spec_for(kappa=0.25, core=0.5)  # 4 core heads > 2 kept
+
+
+def test_cover_with_a_core_that_leaves_units_unheld_is_refused():
+  # W = 2, kappa = 0.5, core = 0.25 of 8 heads: 2 core heads, so 2 workers x 2 other heads
+  # cannot hold the other 6 (S m = U, so the check without the core passed it).
+  with pytest.raises(ConfigError, match=r"subnet\.core.*layer 0.*2 workers x 2 other heads.*"
+                     r"leave 2 of the other 6.*subnet\.core <= 0\b"):
+    spec_for("cover", kappa=0.5, workers=2, core=0.25)
+  c = config_lib.default_config()  # the same through config validation: one line
+  c.twist.update(variant="true", workers=2)
+  c.subnet.update(kappa=0.5, core=0.25)
+  with pytest.raises(ConfigError, match="subnet.core") as err:
+    config_lib.from_configdict(c)
+  assert "\n" not in str(err.value)
+  spec_for("uniform", kappa=0.5, workers=2, core=0.25)  # no coverage promised
+  spec_for("cover", kappa=0.5, workers=2)  # without the core it covers
+
+
+def test_the_largest_core_the_refusal_suggests_covers():
+  # 4 workers x 4 of 8 heads: core 0.3 (3 heads) leaves 4 slots for 5 heads; it suggests 0.25.
+  with pytest.raises(ConfigError, match=r"subnet\.core <= 0\.25 ") as err:
+    spec_for("cover", kappa=0.5, workers=4, core=0.3)
+  assert "layer 0" in str(err.value)
+  assert_every_unit_held(spec_for("cover", kappa=0.5, workers=4, core=0.25), 8, 128)
+
+
+def assert_every_unit_held(spec, heads, units, keys=64):
+  ks = jax.random.split(jax.random.key(3), keys)
+  draws = jax.jit(jax.vmap(lambda k: subnets.sample_subnets(k, spec)))(ks)
+  for i in spec.partitioned:
+    for kind, total in (("head", heads), ("unit", units)):
+      for idx_WxM in np.asarray(draws[f"h_{i}"][kind]):
+        assert np.bincount(idx_WxM.ravel(), minlength=total).min() >= 1
+
+
+def test_cover_with_a_core_that_still_covers_is_accepted_and_holds_every_unit():
+  # W = 3: 2 core heads + 3 workers x 2 other heads = all 8 heads; units 32 + 3 x 32 = 128,
+  # both exactly tight.
+  spec = spec_for("cover", kappa=0.5, workers=3, core=0.25)
+  assert spec.keep_head == (4, 4) and subnets.core_count(0.25, 8) == 2
+  assert_every_unit_held(spec, 8, 128)
 
 
 @pytest.mark.parametrize("kappa,workers", [(0.5, 4), (0.25, 3), (0.375, 3), (0.75, 2)])
