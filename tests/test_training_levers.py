@@ -1,6 +1,7 @@
 """Training levers (sandwich workers, in-place distillation, outer step for DDP, nested core,
 balanced coverage, dense warm-up) against Python-loop, hand-checked and run-level references."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -254,11 +255,72 @@ def test_dense_warm_up_is_ddp_then_twist_and_resumes_across_the_switch(tmp_path)
                              [r["loss"] for r in warm], atol=1e-6)
 
 
+def _fit(cfg, workdir, watch_twist_rounds=None):
+  """Trains in-process; returns the Trainer. `watch_twist_rounds` gets the outer-optimizer
+  state each TwIST (non-dense) round is handed, copied to the host before the round runs."""
+  trainer = train.Trainer(train.build(cfg, workdir))
+  if watch_twist_rounds is not None:
+    twist_round = trainer.round_fn
+
+    def watched(state, *args):
+      watch_twist_rounds.append(jax.device_get(state["outer_state"]))
+      return twist_round(state, *args)
+    trainer.round_fn = watched
+  trainer.fit()
+  return trainer
+
+
+def _with(cfg, **twist):
+  d = config_lib.to_dict(cfg)
+  return config_lib.from_dict(dict(d, twist=dict(d["twist"], **twist)))
+
+
+@pytest.mark.slow
+def test_dense_warm_up_is_plain_ddp_and_hands_twist_a_zero_outer_momentum(tmp_path):
+  outer = dict(outer_lr=0.7, outer_momentum=0.9)
+  cfg, _ = _smoke(tmp_path, "x", **outer)
+  cfg = dataclasses.replace(cfg, steps=6)  # two rounds of R = 3
+  ddp = _fit(_with(cfg, variant="ddp", outer_lr=1.0, outer_momentum=0.0), str(tmp_path / "ddp"))
+  dense = _fit(_with(cfg, dense_steps=6), str(tmp_path / "dense"))
+  diloco = _fit(_with(cfg, dense_steps=6, dense_outer=True), str(tmp_path / "diloco"))
+  # A whole run of warm-up with outer Nesterov configured is exactly the plain DDP run ...
+  for a, b in zip(jax.tree.leaves(jax.device_get(dense.state["params"])),
+                  jax.tree.leaves(jax.device_get(ddp.state["params"]))):
+    np.testing.assert_array_equal(a, b)
+  # ... which the old behaviour (the outer step in the warm-up, now dense_outer=True) is not:
+  # it moves the parameters by a sizeable part of what the whole run moved them.
+  start = train._initial_params(cfg, ddp.run.model)
+  biggest = lambda x, y: max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+                             for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y)))
+  ddp_params = jax.device_get(ddp.state["params"])
+  assert biggest(jax.device_get(diloco.state["params"]), ddp_params) > 0.1 * biggest(
+      ddp_params, start)
+  # The first TwIST round after a plain warm-up gets a zero outer momentum buffer; after a
+  # DiLoCo warm-up it gets the warm-up's momentum.
+  seen, seen_diloco = [], []
+  _fit(_with(cfg, dense_steps=3), str(tmp_path / "switch"), seen)
+  _fit(_with(cfg, dense_steps=3, dense_outer=True), str(tmp_path / "switch_diloco"), seen_diloco)
+  assert len(seen) == len(seen_diloco) == 1  # round 2 of 2 is the only TwIST round
+  buffers = jax.tree.leaves(seen[0])
+  assert buffers and all(not np.asarray(x).any() for x in buffers)
+  assert any(np.abs(np.asarray(x)).max() > 1e-4 for x in jax.tree.leaves(seen_diloco[0]))
+
+
+def test_dense_outer_must_be_a_bool():
+  c = config_lib.default_config()
+  del c.twist["dense_outer"]  # ConfigDict's type check would refuse it first; a dict might not
+  c.twist.dense_outer = "yes"
+  with pytest.raises(ConfigError, match=r"twist\.dense_outer.*True or False"):
+    config_lib.from_configdict(c)
+  assert config_lib.from_configdict(config_lib.default_config()).twist.dense_outer is False
+
+
 def test_workdirs_made_before_the_levers_still_resume(tmp_path):
   cfg, _ = _smoke(tmp_path, "x")
   old = config_lib.to_dict(cfg)
   for section, name in (("twist", "full_workers"), ("twist", "distill"), ("subnet", "core"),
-                        ("twist", "dense_steps"), ("twist", "distill_temperature")):
+                        ("twist", "dense_steps"), ("twist", "distill_temperature"),
+                        ("twist", "dense_outer")):
     del old[section][name]
   with open(tmp_path / "config.json", "w") as f:
     json.dump(old, f)
