@@ -23,7 +23,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def with_levers(ctx, **kw):
-  import dataclasses
   return dataclasses.replace(ctx, **kw)
 
 
