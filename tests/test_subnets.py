@@ -1,6 +1,7 @@
 """Subnet samplers, extract/scatter and masks against hand-checked and NumPy references."""
 
 import itertools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +31,7 @@ def groups(sub, spec):
   return [(sub[f"h_{i}"][k], sizes[k][i]) for i in spec.partitioned for k in spec.unit_kinds]
 
 
-@pytest.mark.parametrize("sampler", ["cover", "uniform", "partition"])
+@pytest.mark.parametrize("sampler", ["cover", "uniform", "partition", "balanced"])
 @pytest.mark.parametrize("mode", ["attn", "mlp", "attn_mlp", "blocks"])
 def test_sampler_sizes_no_duplicates_and_sorted(mode, sampler):
   kappa, workers = (0.5, 2) if sampler == "partition" else (0.5, 4)
@@ -218,3 +219,69 @@ def test_cover_refuses_a_config_that_cannot_cover():
   spec_for("attn", 0.34, workers=3, cfg=cfg, sampler="uniform")  # no coverage promised
   spec_for("attn", 0.3, workers=3, cfg=cfg)  # S * kappa < 1: cannot cover, nothing promised
   spec_for("attn", 0.35, workers=3, cfg=cfg)  # 3 x 4 >= 10
+
+
+# ---- the balanced sampler: distinct subnets, even holder counts ---------------------------------
+
+
+def heads_spec(units, keep, workers, core=0.0, mode="attn"):
+  """A one-layer spec whose head group has U = `units` and m = `keep` (kappa = m / U)."""
+  cfg = ModelConfig.uniform(n_layer=1, n_head=units, n_embd=2 * units, vocab_size=32,
+                            n_positions=8)
+  return subnets.make_spec(cfg, SubnetConfig(mode, (keep / units,), (), "balanced", "mean",
+                                             core), workers)
+
+
+def draws(spec, keys=256, kind="head"):
+  """(keys, W, m) draws of layer 0's `kind` group, one per key, jitted and vmapped."""
+  ks = jax.random.split(jax.random.key(11), keys)
+  return np.asarray(jax.jit(jax.vmap(lambda k: subnets.sample_subnets(k, spec)["h_0"][kind]))(
+      ks))
+
+
+# (U, m, S): S m a multiple of U (the old cyclic layout repeated subnets there), S > U with
+# C(U, m) >= S distinct subsets (S = C exactly in the second), and S > C(U, m) (balance only).
+BALANCED_CASES = [(8, 4, 4), (4, 2, 6), (6, 3, 12), (8, 2, 8), (6, 2, 9), (5, 2, 5), (4, 2, 8),
+                  (3, 1, 7)]
+
+
+@pytest.mark.parametrize("units,keep,workers", BALANCED_CASES)
+def test_balanced_subnets_are_distinct_with_even_holder_counts(units, keep, workers):
+  spec = heads_spec(units, keep, workers)
+  assert spec.keep_head == (keep,)
+  distinct_possible = math.comb(units, keep) >= workers
+  for idx_WxM in draws(spec):
+    assert idx_WxM.shape == (workers, keep)
+    assert all((np.diff(row) > 0).all() for row in idx_WxM)  # sorted, no unit twice
+    counts = np.bincount(idx_WxM.ravel(), minlength=units)
+    assert counts.max() - counts.min() <= 1 and counts.sum() == workers * keep
+    rows = {tuple(row) for row in idx_WxM.tolist()}
+    # Where S > C(U, m) some subset must repeat; then every subset appears (as evenly as
+    # holder counts allow, which the count check above covers).
+    assert len(rows) == (workers if distinct_possible else math.comb(units, keep))
+
+
+def test_balanced_mlp_units_and_the_random_part_beside_a_core_are_distinct():
+  # MLP units: U = 64, m = 32, S = 4 (the old layout gave worker 0 == worker 2).
+  spec = heads_spec(8, 4, 4, mode="attn_mlp")
+  for idx_WxM in draws(spec, 64, "unit"):
+    assert len({tuple(r) for r in idx_WxM.tolist()}) == 4
+    counts = np.bincount(idx_WxM.ravel(), minlength=64)
+    assert counts.min() == counts.max() == 2
+  # Core of 2 heads: the random part is m - c = 2 of U - c = 6 for 4 workers (old: 0 == 3).
+  spec = heads_spec(8, 4, 4, core=0.25)
+  for idx_WxM in draws(spec, 128):
+    assert (idx_WxM[:, :2] == [0, 1]).all()
+    assert len({tuple(r) for r in idx_WxM[:, 2:].tolist()}) == 4
+    counts = np.bincount(idx_WxM[:, 2:].ravel(), minlength=8)[2:]
+    assert counts.max() - counts.min() <= 1
+
+
+def test_balanced_subnet_of_each_worker_is_a_uniform_subset_monte_carlo():
+  # U = 4, m = 2, S = 6: every worker should see each of the 6 pairs with probability 1/6.
+  n = 3000
+  got = draws(heads_spec(4, 2, 6), n)
+  for w in range(6):
+    pairs = [tuple(r) for r in got[:, w].tolist()]
+    freq = np.array([pairs.count(p) for p in itertools.combinations(range(4), 2)]) / n
+    np.testing.assert_allclose(freq, 1 / 6, atol=4 * np.sqrt((1 / 6) * (5 / 6) / n))

@@ -1,6 +1,7 @@
 """Training levers (sandwich workers, in-place distillation, outer step for DDP, nested core,
 balanced coverage, dense warm-up) against Python-loop, hand-checked and run-level references."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -22,7 +23,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def with_levers(ctx, **kw):
-  import dataclasses
   return dataclasses.replace(ctx, **kw)
 
 
@@ -127,7 +127,8 @@ def spec_for(sampler="cover", kappa=0.5, workers=4, core=0.0, mode="attn_mlp"):
 
 @pytest.mark.parametrize("sampler", ["cover", "uniform", "balanced"])
 def test_core_units_are_in_every_subnet(sampler):
-  spec = spec_for(sampler, kappa=0.5, core=0.3)  # ceil(0.3 * 8) = 3 heads, ceil(0.3 * 128) = 39
+  # ceil(0.3 * 8) = 3 heads and ceil(0.3 * 128) = 39 units of 5 and 80 kept (4 workers cover)
+  spec = spec_for(sampler, kappa=0.625, core=0.3)
   for seed in range(3):
     sub = subnets.sample_subnets(jax.random.key(seed), spec)
     for kind, core in (("head", 3), ("unit", 39)):
@@ -143,6 +144,47 @@ def test_core_units_are_in_every_subnet(sampler):
 def test_core_larger_than_a_subnet_is_refused():
   with pytest.raises(ConfigError, match=r"subnet\.core.*layer 0"):
     spec_for(kappa=0.25, core=0.5)  # 4 core heads > 2 kept
+
+
+def test_cover_with_a_core_that_leaves_units_unheld_is_refused():
+  # W = 2, kappa = 0.5, core = 0.25 of 8 heads: 2 core heads, so 2 workers x 2 other heads
+  # cannot hold the other 6 (S m = U, so the check without the core passed it).
+  with pytest.raises(ConfigError, match=r"subnet\.core.*layer 0.*2 workers x 2 other heads.*"
+                     r"leave 2 of the other 6.*subnet\.core <= 0\b"):
+    spec_for("cover", kappa=0.5, workers=2, core=0.25)
+  c = config_lib.default_config()  # the same through config validation: one line
+  c.twist.update(variant="true", workers=2)
+  c.subnet.update(kappa=0.5, core=0.25)
+  with pytest.raises(ConfigError, match="subnet.core") as err:
+    config_lib.from_configdict(c)
+  assert "\n" not in str(err.value)
+  spec_for("uniform", kappa=0.5, workers=2, core=0.25)  # no coverage promised
+  spec_for("cover", kappa=0.5, workers=2)  # without the core it covers
+
+
+def test_the_largest_core_the_refusal_suggests_covers():
+  # 4 workers x 4 of 8 heads: core 0.3 (3 heads) leaves 4 slots for 5 heads; it suggests 0.25.
+  with pytest.raises(ConfigError, match=r"subnet\.core <= 0\.25 ") as err:
+    spec_for("cover", kappa=0.5, workers=4, core=0.3)
+  assert "layer 0" in str(err.value)
+  assert_every_unit_held(spec_for("cover", kappa=0.5, workers=4, core=0.25), 8, 128)
+
+
+def assert_every_unit_held(spec, heads, units, keys=64):
+  ks = jax.random.split(jax.random.key(3), keys)
+  draws = jax.jit(jax.vmap(lambda k: subnets.sample_subnets(k, spec)))(ks)
+  for i in spec.partitioned:
+    for kind, total in (("head", heads), ("unit", units)):
+      for idx_WxM in np.asarray(draws[f"h_{i}"][kind]):
+        assert np.bincount(idx_WxM.ravel(), minlength=total).min() >= 1
+
+
+def test_cover_with_a_core_that_still_covers_is_accepted_and_holds_every_unit():
+  # W = 3: 2 core heads + 3 workers x 2 other heads = all 8 heads; units 32 + 3 x 32 = 128,
+  # both exactly tight.
+  spec = spec_for("cover", kappa=0.5, workers=3, core=0.25)
+  assert spec.keep_head == (4, 4) and subnets.core_count(0.25, 8) == 2
+  assert_every_unit_held(spec, 8, 128)
 
 
 @pytest.mark.parametrize("kappa,workers", [(0.5, 4), (0.25, 3), (0.375, 3), (0.75, 2)])
@@ -212,11 +254,72 @@ def test_dense_warm_up_is_ddp_then_twist_and_resumes_across_the_switch(tmp_path)
                              [r["loss"] for r in warm], atol=1e-6)
 
 
+def _fit(cfg, workdir, watch_twist_rounds=None):
+  """Trains in-process; returns the Trainer. `watch_twist_rounds` gets the outer-optimizer
+  state each TwIST (non-dense) round is handed, copied to the host before the round runs."""
+  trainer = train.Trainer(train.build(cfg, workdir))
+  if watch_twist_rounds is not None:
+    twist_round = trainer.round_fn
+
+    def watched(state, *args):
+      watch_twist_rounds.append(jax.device_get(state["outer_state"]))
+      return twist_round(state, *args)
+    trainer.round_fn = watched
+  trainer.fit()
+  return trainer
+
+
+def _with(cfg, **twist):
+  d = config_lib.to_dict(cfg)
+  return config_lib.from_dict(dict(d, twist=dict(d["twist"], **twist)))
+
+
+@pytest.mark.slow
+def test_dense_warm_up_is_plain_ddp_and_hands_twist_a_zero_outer_momentum(tmp_path):
+  outer = dict(outer_lr=0.7, outer_momentum=0.9)
+  cfg, _ = _smoke(tmp_path, "x", **outer)
+  cfg = dataclasses.replace(cfg, steps=6)  # two rounds of R = 3
+  ddp = _fit(_with(cfg, variant="ddp", outer_lr=1.0, outer_momentum=0.0), str(tmp_path / "ddp"))
+  dense = _fit(_with(cfg, dense_steps=6), str(tmp_path / "dense"))
+  diloco = _fit(_with(cfg, dense_steps=6, dense_outer=True), str(tmp_path / "diloco"))
+  # A whole run of warm-up with outer Nesterov configured is exactly the plain DDP run ...
+  for a, b in zip(jax.tree.leaves(jax.device_get(dense.state["params"])),
+                  jax.tree.leaves(jax.device_get(ddp.state["params"]))):
+    np.testing.assert_array_equal(a, b)
+  # ... which the old behaviour (the outer step in the warm-up, now dense_outer=True) is not:
+  # it moves the parameters by a sizeable part of what the whole run moved them.
+  start = train._initial_params(cfg, ddp.run.model)
+  biggest = lambda x, y: max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+                             for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y)))
+  ddp_params = jax.device_get(ddp.state["params"])
+  assert biggest(jax.device_get(diloco.state["params"]), ddp_params) > 0.1 * biggest(
+      ddp_params, start)
+  # The first TwIST round after a plain warm-up gets a zero outer momentum buffer; after a
+  # DiLoCo warm-up it gets the warm-up's momentum.
+  seen, seen_diloco = [], []
+  _fit(_with(cfg, dense_steps=3), str(tmp_path / "switch"), seen)
+  _fit(_with(cfg, dense_steps=3, dense_outer=True), str(tmp_path / "switch_diloco"), seen_diloco)
+  assert len(seen) == len(seen_diloco) == 1  # round 2 of 2 is the only TwIST round
+  buffers = jax.tree.leaves(seen[0])
+  assert buffers and all(not np.asarray(x).any() for x in buffers)
+  assert any(np.abs(np.asarray(x)).max() > 1e-4 for x in jax.tree.leaves(seen_diloco[0]))
+
+
+def test_dense_outer_must_be_a_bool():
+  c = config_lib.default_config()
+  del c.twist["dense_outer"]  # ConfigDict's type check would refuse it first; a dict might not
+  c.twist.dense_outer = "yes"
+  with pytest.raises(ConfigError, match=r"twist\.dense_outer.*True or False"):
+    config_lib.from_configdict(c)
+  assert config_lib.from_configdict(config_lib.default_config()).twist.dense_outer is False
+
+
 def test_workdirs_made_before_the_levers_still_resume(tmp_path):
   cfg, _ = _smoke(tmp_path, "x")
   old = config_lib.to_dict(cfg)
   for section, name in (("twist", "full_workers"), ("twist", "distill"), ("subnet", "core"),
-                        ("twist", "dense_steps"), ("twist", "distill_temperature")):
+                        ("twist", "dense_steps"), ("twist", "distill_temperature"),
+                        ("twist", "dense_outer")):
     del old[section][name]
   with open(tmp_path / "config.json", "w") as f:
     json.dump(old, f)

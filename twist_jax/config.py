@@ -67,6 +67,8 @@ def default_config() -> ml_collections.ConfigDict:
   t.distill = 0.0  # alpha: subnet loss (1 - alpha) CE + alpha T^2 KL(round-start model || subnet)
   t.distill_temperature = 1.0  # T of the distillation softmax
   t.dense_steps = 0  # the first n steps (a multiple of R) are DDP on the same workers
+  t.dense_outer = False  # warm-up rounds also take the outer step (DiLoCo) and carry its
+  #                        momentum; False: plain DDP, outer buffer untouched (§9)
 
   c.opt = o = ml_collections.ConfigDict()
   o.name = "adamw"  # adamw | sgd
@@ -281,6 +283,8 @@ def _check_levers(t: TwistConfig, steps) -> None:
   if t.dense_steps % t.local_steps or (isinstance(steps, int) and t.dense_steps > steps):
     raise ConfigError("twist.dense_steps", f"got {t.dense_steps}; must be a multiple of "
                       f"twist.local_steps={t.local_steps} and at most steps={steps}")
+  if not isinstance(t.dense_outer, bool):
+    raise ConfigError("twist.dense_outer", f"got {t.dense_outer!r}; must be True or False")
 
 
 def _check_subnet_sizes(cfg: Config) -> None:

@@ -28,6 +28,7 @@ class TwistConfig:
   distill: float = 0.0
   distill_temperature: float = 1.0
   dense_steps: int = 0
+  dense_outer: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

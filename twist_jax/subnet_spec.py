@@ -111,16 +111,27 @@ def core_count(core: float, total: int) -> int:
 
 
 def _check_cover(spec: SubnetSpec, kappas) -> None:
-  """With S * kappa >= 1 every unit should get a holder each round; that needs S * m >= U.
-  (With a nested core of c units the other units are covered only if S (m - c) >= U - c.)"""
+  """With S * kappa >= 1 every unit should get a holder each round. The c = ceil(core U) core
+  units are in every subnet and the sampler deals the other U - c over S (m - c) slots, so that
+  needs S (m - c) >= U - c (S m >= U without a core)."""
   for layer, kind, total, keep in _groups(spec):
     kappa = kappas[layer if layer >= 0 else spec.partitioned[0]]
-    if spec.workers * kappa >= 1 and spec.workers * keep < total:
-      need = (total + spec.workers - 1) // spec.workers
-      raise ConfigError("subnet.kappa", f"layer {layer}: {spec.workers} workers x {keep} of "
-                        f"{total} {kind}s leave {total - spec.workers * keep} untrained every "
-                        f"round; set subnet.kappa >= {(need - 0.5) / total:.4g} for that layer "
-                        f"or twist.workers >= {-(-total // keep)}")
+    s, core = spec.workers, core_count(spec.core, total)
+    if s * kappa < 1 or s * (keep - core) >= total - core:
+      continue
+    if core and s * keep >= total:  # only the core leaves units unheld (s > 1 here)
+      most = (s * keep - total) // (s - 1)  # the largest core count that still covers
+      raise ConfigError("subnet.core", f"layer {layer}: core={spec.core} puts {core} of {total} "
+                        f"{kind}s in every subnet, so {s} workers x {keep - core} other {kind}s "
+                        f"leave {total - core - s * (keep - core)} of the other {total - core} "
+                        f"untrained every round; set subnet.core <= "
+                        f"{math.floor(most / total * 1e4) / 1e4:.4g} for that layer, or raise "
+                        f"subnet.kappa or twist.workers")
+    need = (total + s - 1) // s
+    raise ConfigError("subnet.kappa", f"layer {layer}: {s} workers x {keep} of "
+                      f"{total} {kind}s leave {total - s * keep} untrained every "
+                      f"round; set subnet.kappa >= {(need - 0.5) / total:.4g} for that layer "
+                      f"or twist.workers >= {-(-total // keep)}")
 
 
 def _groups(spec: SubnetSpec):

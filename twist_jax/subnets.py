@@ -7,6 +7,10 @@ Sizes are static (from config); index *values* are data, so resampling never rec
 Samplers return the same pytree with a leading worker axis W. No sharding code lives here.
 """
 
+import functools
+import itertools
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,12 +42,10 @@ def _sample_group(key, sampler: str, num_units: int, keep: int, workers: int, co
     return jnp.concatenate([core_WxC, rest + core], axis=1)  # still sorted
   k_perm, k_fill = jax.random.split(key)
   if sampler == "balanced":
-    # Lay a random permutation out cyclically over the S * m slots; worker s takes slots
-    # [s m, (s + 1) m). m <= U consecutive slots of a cycle are distinct units, and every unit
-    # fills floor(S m / U) or one more slots.
+    # A fixed design relabeled by a random permutation: relabeling keeps the design's holder
+    # counts and distinct rows, and makes each subnet a uniformly random m-subset.
     perm_U = jax.random.permutation(k_perm, num_units).astype(jnp.int32)
-    slots_WxM = jnp.arange(workers * keep).reshape(workers, keep) % num_units
-    return jnp.sort(perm_U[slots_WxM], axis=-1)
+    return jnp.sort(perm_U[balanced_design(num_units, keep, workers)], axis=-1)
   u_WxU = jax.random.uniform(k_fill, (workers, num_units))
   if sampler == "uniform":
     priority_WxU = u_WxU  # top-k of i.i.d. uniforms = a uniformly random subset
@@ -58,6 +60,67 @@ def _sample_group(key, sampler: str, num_units: int, keep: int, workers: int, co
     priority_WxU = jnp.where(mine_WxU, 2.0, u_WxU)
   _, idx_WxM = jax.lax.top_k(priority_WxU, keep)
   return jnp.sort(idx_WxM, axis=-1).astype(jnp.int32)
+
+
+@functools.lru_cache(maxsize=None)
+def balanced_design(num_units: int, keep: int, workers: int) -> np.ndarray:
+  """(W, m) int32 unit ids of the `balanced` sampler before relabeling (docs/method.md §3):
+  holder counts per unit within one of each other, and no two rows the same set whenever
+  C(U, m) >= W distinct m-subsets exist. Host-side, from static sizes only."""
+  u, m, w = num_units, keep, workers
+  if w <= u or m in (0, u):
+    out = _arcs(u, m, w)
+    out.setflags(write=False)  # cached: shared by every call
+    return out
+  n_all = math.comb(u, m)
+  every = [list(a) for a in itertools.combinations(range(u), m)] if n_all < w else []
+  # Each full copy of all C(U, m) subsets holds every unit equally often.
+  rows = every * (w // n_all) + _distinct_even(u, m, w % n_all if every else w)
+  out = np.asarray(rows, np.int32).reshape(w, m)
+  out.setflags(write=False)  # cached: shared by every call
+  return out
+
+
+def _arcs(u: int, m: int, w: int) -> np.ndarray:
+  """Rows of m consecutive units of the cycle 0..U-1, row i starting at i m + i // (U / g),
+  g = gcd(U, m). The first U / g rows tile m / g whole passes; each further block of U / g
+  starts one unit later. So starts are distinct (rows differ) for W <= U, and every unit gets
+  floor(W m / U) or one more slots (whole passes plus one contiguous stretch)."""
+  period = u // math.gcd(u, m)
+  i_W = np.arange(w)
+  start_W = i_W * m + i_W // period
+  return ((start_W[:, None] + np.arange(m)[None, :]) % u).astype(np.int32)
+
+
+def _distinct_even(u: int, m: int, n: int) -> list[list[int]]:
+  """n <= C(U, m) distinct m-subsets (0 < m < U) with holder counts within one.
+
+  Whole rotation orbits of subsets in lexicographic order (an orbit holds every unit equally
+  often), then swaps evening out the last, partial orbit: while unit a is held twice more than
+  unit b, some row holds a but not b and turning a into b gives a row not yet taken (rows with
+  a and not b outnumber rows with b and not a, and the swap maps the first into the second
+  injectively), and each swap lowers sum(count^2), so it ends.
+  """
+  rows, seen = [], set()
+  for base in itertools.combinations(range(u), m):
+    for t in range(u):
+      row = frozenset((x + t) % u for x in base)
+      if len(rows) < n and row not in seen:
+        rows.append(row)
+        seen.add(row)
+    if len(rows) == n:
+      break
+  count_U = np.bincount([x for row in rows for x in row], minlength=u)
+  while count_U.max() - count_U.min() > 1:
+    hi, lo = int(count_U.argmax()), int(count_U.argmin())
+    j, new = next((j, (row - {hi}) | {lo}) for j, row in enumerate(rows)
+                  if hi in row and lo not in row and (row - {hi}) | {lo} not in seen)
+    seen.remove(rows[j])
+    seen.add(new)
+    rows[j] = new
+    count_U[hi] -= 1
+    count_U[lo] += 1
+  return [sorted(row) for row in rows]
 
 
 def sample_subnets(key: jax.Array, spec: SubnetSpec, workers: int | None = None):

@@ -280,7 +280,11 @@ class Trainer:
     self.round_fn = variants.make_sampling_round(cfg.twist.variant, run.ctx)
     # Dense warm-up: the first twist.dense_steps steps are DDP rounds on the same workers,
     # same optimizer state layout, same schedule; the round function is picked by the step.
-    self.dense_fn = (variants.make_sampling_round("ddp", dataclasses.replace(run.ctx, spec=None))
+    # They are plain DDP (no outer step; the outer momentum passes through untouched, so TwIST
+    # starts with it at zero) unless twist.dense_outer asks for DiLoCo rounds (docs §9).
+    dense_ctx = dataclasses.replace(run.ctx, spec=None,
+                                    outer=run.ctx.outer if cfg.twist.dense_outer else None)
+    self.dense_fn = (variants.make_sampling_round("ddp", dense_ctx)
                      if cfg.twist.dense_steps else None)
     # Raw key data on the host: every process passes the same value into the round.
     self.subnet_key = np.asarray(jax.random.key_data(
