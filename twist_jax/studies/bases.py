@@ -90,8 +90,9 @@ def _timing(workdir: str) -> dict:
   if os.path.exists(path):
     with open(path, encoding="utf-8") as f:
       segs = [json.loads(line) for line in f if line.strip()]
+  cpu = [s.get("cpu_s") for s in segs]  # None where a segment's CPU time was not recorded
   return dict(segments=segs, wall_s=round(sum(s["wall_s"] for s in segs), 1),
-              cpu_s=round(sum(s["cpu_s"] for s in segs), 1))
+              cpu_s=round(sum(cpu), 1) if segs and None not in cpu else None)
 
 
 def export_base(shape: str, workdir: str, out: str, record: dict) -> str:
