@@ -116,6 +116,14 @@ def export_base(shape: str, workdir: str, out: str, record: dict) -> str:
   return folder
 
 
+def _copy_logs(workdir: str, dest: str) -> None:
+  """The run's config, metrics and timing beside the shipped base (the runs stay uncommitted)."""
+  os.makedirs(dest, exist_ok=True)
+  for name in ("config.json", "metrics.jsonl", "timing.jsonl"):
+    if os.path.exists(os.path.join(workdir, name)):
+      shutil.copyfile(os.path.join(workdir, name), os.path.join(dest, name))
+
+
 def base_record(shape: str, workdir: str, windows, train_tokens: int) -> dict:
   """Size, budget, time and whole-validation loss of a finished base run."""
   params, meta = checkpoint.latest_params(workdir)
@@ -180,6 +188,7 @@ def make_bases(out: str, *, quick: bool = False, shapes=tuple(BASE_SHAPES)) -> d
   for shape in shapes:
     workdir = train_base(shape, out, quick)
     records[shape] = base_record(shape, workdir, windows, train_tokens)
+    _copy_logs(workdir, os.path.join(out, "logs", shape))
     export_base(shape, workdir, out, records[shape])
     print(f"base {shape}: val loss {records[shape]['val_loss']:.4f} "
           f"({records[shape]['tokens_per_param']} tokens/param)", flush=True)
@@ -188,10 +197,37 @@ def make_bases(out: str, *, quick: bool = False, shapes=tuple(BASE_SHAPES)) -> d
               train_tokens=train_tokens, bases=records, regime=regime(records))
   files.write_json(os.path.join(out, "bases.json"), info, sort_keys=True)
   files.write_text(os.path.join(out, "bases.md"), report_markdown(info))
+  plot_bases(info, out)
   for g in info["regime"]:
     print(f"regime check: {g['half']} - {g['full']} = {g['half_minus_full']:+.4f} nats "
           f"({'holds' if g['holds'] else 'FAILS'}: needs >= {REGIME_GAP})", flush=True)
   return info
+
+
+def _val_curve(out: str, shape: str) -> tuple[list, list]:
+  path = os.path.join(out, "logs", shape, "metrics.jsonl")
+  with open(path, encoding="utf-8") as f:
+    lines = [json.loads(line) for line in f if '"val_loss"' in line]
+  return [r["step"] for r in lines], [r["val_loss"] for r in lines]
+
+
+def plot_bases(info: dict, out: str) -> None:
+  """OUT/bases.png: validation loss during pretraining (the runs' spread windows), one panel per
+  width, full and half together, so the gap's growth is visible."""
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  pairs = [p for p in PAIRS if all(s in info["bases"] for s in p)]
+  fig, axes = plt.subplots(1, len(pairs), figsize=(5 * len(pairs), 3.6), squeeze=False)
+  for ax, pair in zip(axes[0], pairs):
+    for shape in pair:
+      steps, losses = _val_curve(out, shape)
+      ax.plot(steps, losses, marker="o", ms=3, label=f"{shape} ({info['bases'][shape]['params']:,}"
+              " params)")
+    ax.set(xlabel="step", ylabel="val loss (nats/byte)", title=f"{pair[0]} vs {pair[1]}")
+    ax.legend()
+    ax.grid(alpha=0.3)
+  fig.tight_layout()
+  evaluate.plots.save_png(fig, os.path.join(out, "bases.png"))
 
 
 def _parser() -> argparse.ArgumentParser:
