@@ -9,6 +9,7 @@ import functools
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -199,6 +200,87 @@ def test_zero_new_tokens_and_errors(params):
     args = {**dict(prompt_ids=prompt(3), max_new_tokens=2, temperature=1.0, top_k=0), **kw}
     with pytest.raises(UserError, match=match):
       generate.sample(params, CFG, key=jax.random.key(0), **args)
+
+
+# ---- in-place cache, bfloat16 weights ----------------------------------------------------------
+
+
+def test_decode_loop_updates_the_cache_in_place():
+  """The compiled decode loop writes each layer's cache with a dynamic-update-slice and never
+  copies a whole cache (the optimization barrier in decoding orders the reads first)."""
+  cfg = CFG.replace(n_positions=128)
+  args = (random_params(cfg), cfg, decoding.init_cache(cfg, 1), jnp.zeros((1,), jnp.int32),
+          jnp.int32(3), jnp.int32(5), jax.random.key(0), 0, 0, jnp.float32(0))
+  hlo = generate.decode_loop.lower(*args).compile().as_text()
+  cache_shape = r"f32\[1,4,128,8\]"  # (B, H, P, K)
+  assert re.search(cache_shape + r"\S* dynamic-update-slice\(", hlo)
+  assert not re.search(cache_shape + r"\S* copy(-start)?\(", hlo)
+
+
+def logits_and_bf16_error(params, cfg, tokens_BxL):
+  """(float32 logits, bf16 params, bf16 cfg, error): error = max |logits| difference of the
+  model's own uncached forward with the weights and compute in bfloat16: the rounding error
+  bf16 puts on these logits, the scale other bf16 paths are held to."""
+  want = np.asarray(full_logits(params, cfg, tokens_BxL))
+  p16, c16 = decoding.cast_weights(params, cfg, jnp.bfloat16)
+  error = float(np.abs(np.asarray(full_logits(p16, c16, tokens_BxL)) - want).max())
+  assert error > 0  # bf16 really rounds here, so a bound of 2 x error can fail
+  return want, p16, c16, error
+
+
+@pytest.mark.parametrize("cfg", [BIG, WIDE], ids=["uniform", "wide"])
+def test_bf16_cached_logits_within_twice_the_forwards_rounding_error(cfg):
+  """bf16 cached decoding rounds in another order than the forward, so its error is of the same
+  size but not the same: within twice the forward's bf16 error of the float32 logits. A bf16
+  softmax or a float32 cache read as bf16 twice would exceed it."""
+  params = random_params(cfg)
+  tokens_BxL = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (3, 16)))
+  want, p16, c16, error = logits_and_bf16_error(params, cfg, tokens_BxL)
+  assert {x.dtype for x in jax.tree.leaves(p16)} == {jnp.dtype(jnp.bfloat16)}
+  assert c16.dtype == "bfloat16" and cfg.dtype == "float32"
+  _, cache = prefill(p16, c16, tokens_BxL[:, :5])
+  assert {x.dtype for x in jax.tree.leaves(cache)} == {jnp.dtype(jnp.bfloat16)}
+  got = cached_logits(p16, c16, tokens_BxL, 5)
+  assert np.abs(got - want).max() <= 2 * error
+
+
+def test_bf16_greedy_equals_float32_on_a_confident_model():
+  """Where every greedy step's float32 top-2 margin exceeds 4 x the bf16 error (each logit moves
+  by at most 2 x it), sample(..., weights_dtype=bfloat16) picks the float32 tokens. Seed 5's
+  model is that confident on this prompt (asserted, so the comparison is never vacuous)."""
+  params = random_params(BIG, 5)
+  prompt_ids = np.random.default_rng(5).integers(0, BIG.vocab_size, 4)
+  out = generate.sample(params, BIG, prompt_ids, jax.random.key(0), 11, temperature=0)
+  want, _, _, error = logits_and_bf16_error(params, BIG, jnp.asarray(out)[None])
+  top2 = np.sort(want[0, 3:-1], axis=-1)[:, -2:]
+  assert (top2[:, 1] - top2[:, 0]).min() > 4 * error
+  out16 = generate.sample(params, BIG, prompt_ids, jax.random.key(0), 11, temperature=0,
+                          weights_dtype=jnp.bfloat16)
+  np.testing.assert_array_equal(out16, out)
+
+
+HAVE_TRANSFORMERS = all(importlib.util.find_spec(m) for m in ("torch", "transformers"))
+
+
+@pytest.mark.skipif(not HAVE_TRANSFORMERS, reason="needs torch + transformers (the hf extra)")
+def test_bf16_cached_logits_match_transformers_bf16():
+  """transformers' GPT2LMHeadModel with the same weights in bfloat16 and twist_jax's bf16 cached
+  decoding are two bf16 computations of the float32 logits, each within about the forward's
+  bf16 error of them: they differ by at most twice it."""
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+  from twist_jax import hf  # pylint: disable=import-outside-toplevel
+
+  params = random_params(BIG)
+  tokens_BxL = jnp.asarray(np.random.default_rng(2).integers(0, BIG.vocab_size, (2, 16)))
+  _, p16, c16, error = logits_and_bf16_error(params, BIG, tokens_BxL)
+  hf_model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**hf._hf_config(BIG))).eval()
+  hf_model.load_state_dict({k: torch.from_numpy(v) for k, v in hf._hf_tensors(p16, BIG).items()},
+                           strict=False)
+  with torch.inference_mode():
+    theirs = hf_model.to(torch.bfloat16)(torch.from_numpy(np.asarray(tokens_BxL, np.int64)))
+  theirs = theirs.logits.float().numpy()
+  assert np.abs(cached_logits(p16, c16, tokens_BxL, 5) - theirs).max() <= 2 * error
 
 
 # ---- CLI -----------------------------------------------------------------------------------------
