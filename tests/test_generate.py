@@ -360,31 +360,65 @@ def test_cli_on_training_run(tmp_path, capsys):
 # ---- benchmark -----------------------------------------------------------------------------------
 
 
+def check_decode_record(decode, new_tokens):
+  """cpu_inference's decode numbers agree with each other: tokens/s from the token count and
+  the medians, the speed-ups from the tokens/s."""
+  assert decode["new_tokens"] == new_tokens
+  for r in decode["models"].values():
+    assert r["decode_tokens_per_s"] == new_tokens / r["decode_s"]
+    assert r["generate_tokens_per_s"] == new_tokens / (r["prefill_s"] + r["decode_s"])
+  tps = {name: r["decode_tokens_per_s"] for name, r in decode["models"].items()}
+  assert decode["speedup"]["subnet_vs_full"] == tps["subnet"] / tps["full"]
+  if "transformers" in tps:
+    assert decode["speedup"]["twist_jax_full_vs_transformers"] == tps["full"] / tps["transformers"]
+    assert 0 <= decode["greedy_tokens_agree_before_first_difference"] <= new_tokens
+
+
 @pytest.mark.slow
-def test_bench_cpu_inference_quick_prints_json():
+@pytest.mark.parametrize("dtype,sizes", [("float32", "124m,xl"), ("bfloat16", "124m")])
+def test_bench_cpu_inference_quick_prints_json(dtype, sizes):
   proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "cpu_inference.py"),
-                         "--quick"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+                         "--quick", "--dtype", dtype, "--sizes", sizes],
+                        capture_output=True, text=True, timeout=600, cwd=ROOT)
   assert proc.returncode == 0, proc.stderr[-2000:]
   lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
   assert len(lines) == 1
-  rec = json.loads(lines[0])
-  assert rec["platform"] == "cpu" and set(rec["sizes"]) == {"124m", "xl"}
+  check_cpu_inference_record(json.loads(lines[0]), dtype, sizes.split(","))
+
+
+def check_cpu_inference_record(rec, dtype, sizes):
+  """cpu_inference's JSON: exact sizes from the shapes, rates and ratios from its timings."""
+  assert rec["platform"] == "cpu" and set(rec["sizes"]) == set(sizes)
+  assert rec["dtype"] == dtype and rec["loaded"] == (rec["load_before"]["loadavg"][0] > 0.5)
+  assert rec["load_before"]["uptime"] and rec["load_after"]["uptime"]
+  itemsize = np.dtype(jnp.dtype(dtype)).itemsize
   for size in rec["sizes"].values():
     models = size["models"]
     assert set(models) == {"full", "subnet", "full_sparse_phase", "sparse50"}
-    assert models["subnet"]["param_bytes"] < models["full"]["param_bytes"]
+    full = ModelConfig.uniform(**size["shape"], n_positions=1024)
+    assert models["full"]["params"] == full.num_params()
+    assert models["full"]["param_bytes"] == itemsize * full.num_params()
+    sub = models["subnet"]  # attn_mlp kappa = 0.5: half the heads and MLP units in every block
+    sub_cfg = full.replace(n_head=(sub["n_head"],) * full.n_layer,
+                           n_inner=(sub["n_inner"],) * full.n_layer)
+    assert (2 * sub["n_head"], 2 * sub["n_inner"]) == (full.n_head[0], full.n_inner[0])
+    assert sub["params"] == sub_cfg.num_params()
+    assert sub["param_bytes"] == itemsize * sub_cfg.num_params()
     assert models["sparse50"]["param_bytes"] == models["full"]["param_bytes"]
     assert models["sparse50"]["block_kernel_zero_fraction"] == pytest.approx(0.5, abs=0.01)
     for m in models.values():
-      assert m["prefill_tokens_per_s"] > 0 and m["decode1_tokens_per_s"] > 0
-    assert size["speedup"]["subnet_vs_full"]["fwd_flops"] > 1
-    decode = size["decode"]
-    assert decode["speedup"]["subnet_vs_full"] > 0 and decode["new_tokens"] == 8
-    assert all(m["decode_tokens_per_s"] > 0 for m in decode["models"].values())
+      assert m["prefill_tokens_per_s"] == size["prompt_len"] / m["prefill_s"]
+      assert m["decode1_tokens_per_s"] == 1 / m["decode1_s"]
+    speed = size["speedup"]["subnet_vs_full"]
+    assert speed["fwd_flops"] == (models["full"]["fwd_flops_per_token"] /
+                                  models["subnet"]["fwd_flops_per_token"])
+    assert speed["prefill"] == (models["subnet"]["prefill_tokens_per_s"] /
+                                models["full"]["prefill_tokens_per_s"])
+    check_decode_record(size["decode"], 8)
   decode = rec["sizes"]["124m"]["decode"]
   if importlib.util.find_spec("transformers") and importlib.util.find_spec("torch"):
-    assert decode["speedup"]["twist_jax_full_vs_transformers"] > 0
-    # The same weights and greedy decoding: transformers picks the same tokens.
-    assert decode["greedy_tokens_agree_before_first_difference"] == 8
+    assert "twist_jax_full_vs_transformers" in decode["speedup"]
+    if dtype == "float32":  # the same weights and greedy decoding: the same tokens
+      assert decode["greedy_tokens_agree_before_first_difference"] == 8
   else:
     assert decode["transformers"].startswith("not installed")

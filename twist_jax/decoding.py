@@ -28,7 +28,9 @@ def cast_weights(params, cfg: ModelConfig, dtype) -> tuple[dict, ModelConfig]:
   bfloat16 halves the bytes every decode step reads. As in training's mixed precision, the
   attention scores, softmax and LayerNorm statistics stay float32, and the cache is in `dtype`."""
   dtype = jnp.dtype(dtype)
-  cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+  # Leaves already in dtype are kept, not copied (XL's float32 weights are 6 GB).
+  cast = lambda x: (x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype
+                    else x)
   return jax.tree.map(cast, params), cfg.replace(dtype=dtype.name)
 
 
