@@ -108,8 +108,8 @@ def _vocab(data_cfg) -> int:
 
 
 def load_config(name: str, dry: bool):
-  """(Config, vocab) of experiments/NAME.py's default; under --dry with tiny shapes (its
-  workers, kappa, mode, dtype, remat and any other setting kept)."""
+  """(Config, vocab) of experiments/NAME.py's default; under --dry with tiny shapes and no
+  shared layers (its workers, kappa, mode, dtype, remat and other settings kept)."""
   from twist_jax import config as config_lib  # pylint: disable=import-outside-toplevel
   spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "experiments",
                                                                    f"{name}.py"))
@@ -122,6 +122,7 @@ def load_config(name: str, dry: bool):
     c.twist.local_steps = 2
     c.steps = 2 * c.twist.local_steps
     c.opt.warmup_steps = 0
+    c.subnet.shared_layers = ()  # as the smoke variants: two blocks leave none to share
     if c.model.attention == "cudnn":
       c.model.attention = "xla"  # a CPU has no cuDNN
   cfg = config_lib.from_configdict(c)
