@@ -398,10 +398,11 @@ def check_cpu_inference_record(rec, dtype, sizes):
     full = ModelConfig.uniform(**size["shape"], n_positions=1024)
     assert models["full"]["params"] == full.num_params()
     assert models["full"]["param_bytes"] == itemsize * full.num_params()
-    sub = models["subnet"]  # attn_mlp kappa = 0.5: half the heads and MLP units in every block
+    sub = models["subnet"]  # attn_mlp kappa = 0.5: the deploy rule's heads and MLP units
+    spec = subnets.deploy_spec(full, "attn_mlp", 0.5)
+    assert (sub["n_head"], sub["n_inner"]) == (spec.keep_head[0], spec.keep_unit[0])
     sub_cfg = full.replace(n_head=(sub["n_head"],) * full.n_layer,
                            n_inner=(sub["n_inner"],) * full.n_layer)
-    assert (2 * sub["n_head"], 2 * sub["n_inner"]) == (full.n_head[0], full.n_inner[0])
     assert sub["params"] == sub_cfg.num_params()
     assert sub["param_bytes"] == itemsize * sub_cfg.num_params()
     assert models["sparse50"]["param_bytes"] == models["full"]["param_bytes"]
