@@ -1,7 +1,9 @@
 """Shared pieces of the benchmarks: model presets, timing, device facts. Benchmarks print JSON."""
 
 import json
+import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -16,8 +18,11 @@ PRESETS = {
     "124m": (12, 12, 768, 50257),
     "350m": (24, 16, 1024, 50257),
 }
-# Dense bf16 peak FLOP/s by device kind, for MFU (None: unknown, MFU not reported).
-PEAK_FLOPS = {"NVIDIA H200": 989e12, "NVIDIA H100 80GB HBM3": 989e12}
+# Dense (not 2:4-sparse) bf16 peak FLOP/s from the vendor's spec sheet, by JAX device kind, for
+# MFU (kinds not listed: MFU not reported). H100 SXM and H200 share the H100 SXM's tensor cores.
+PEAK_FLOPS = {"NVIDIA H200": 989e12, "NVIDIA H100 80GB HBM3": 989e12,
+              "NVIDIA H100 PCIe": 756e12, "NVIDIA H100 NVL": 835e12,
+              "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100-SXM4-40GB": 312e12}
 
 
 def base_config(preset: str, *, context: int, batch: int, dtype: str, attention: str,
@@ -53,6 +58,15 @@ def device_info() -> dict:
   d = jax.devices()[0]
   return {"platform": d.platform, "device_kind": d.device_kind, "devices": jax.device_count(),
           "jax": jax.__version__}
+
+
+def load_info() -> dict:
+  """`uptime`'s line and the 1/5/15-minute load averages: whether the host was busy."""
+  try:
+    line = subprocess.run(["uptime"], capture_output=True, text=True, timeout=10).stdout.strip()
+  except (OSError, subprocess.SubprocessError) as e:
+    line = f"uptime failed: {e}"
+  return {"uptime": line, "loadavg": list(os.getloadavg()), "cpu_count": os.cpu_count()}
 
 
 def peak_memory() -> int | None:

@@ -3,6 +3,7 @@ GPT-2) and a 50% unstructured-sparse model stored dense, plus KV-cached decoding
 transformers' GPT2LMHeadModel on the same weights; prints ONE JSON object.
 
   python bench/cpu_inference.py [--sizes 124m,xl] [--quick]     # ~15-20 min on 2 cores
+  python bench/cpu_inference.py --sizes 124m --dtype bfloat16     # bf16 weights, both sides
 
 Random weights (speed does not depend on training). Per model, batch 1, median of `repeats`
 timed calls after a warm-up call (which also compiles); the models being compared take turns
@@ -17,7 +18,11 @@ within each repeat, so background load hits them alike:
 Forward FLOPs allow about 1.5x (124M) and 1.9x (XL) for the subnet: embeddings and the LM head
 are shared. The sparse model has the full model's shapes and dense kernels: it shows what
 unstructured sparsity buys on dense CPU kernels (expected: nothing) with half its block weights
-zero.
+zero. --dtype bfloat16 stores every model's weights in bf16 and computes in it
+(decoding.cast_weights; scores, softmax and LayerNorm statistics stay float32), and runs
+transformers with the same bf16 weights (model.to(torch.bfloat16)). The JSON records `uptime`
+before and after and `loaded`: the 1-minute load average before was above LOADED (timings of a
+busy machine, not for results/).
 """
 
 import argparse
@@ -27,14 +32,16 @@ import os
 import sys
 import time
 
-os.environ["JAX_PLATFORMS"] = "cpu"  # the point of the benchmark; set before JAX initialises
+if __name__ == "__main__":  # the point of the benchmark; set before JAX initialises (importers,
+  os.environ["JAX_PLATFORMS"] = "cpu"  # such as bench/gpu_check.py, keep their own platform)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from twist_jax import deploy, generate, hf  # noqa: E402
+import common  # noqa: E402  (bench/common.py: this file's folder is on sys.path)
+from twist_jax import decoding, deploy, generate, hf  # noqa: E402
 from twist_jax.model import GPT2, ModelConfig, flops_per_token, init_params  # noqa: E402
 
 # GPT-2 shapes; XL keeps a short prompt and decodes 64 (not 128) tokens after its 512-token
@@ -52,6 +59,7 @@ QUICK = {  # same code path, tiny shapes: a CPU test in seconds
                decode_prompt=16, decode_new=8, decode_repeats=2, transformers=False),
 }
 N_POSITIONS = 1024
+LOADED = 0.5  # 1-minute load average above which the machine counts as busy
 KAPPA, MODE, SPARSITY = 0.5, "attn_mlp", 0.5
 
 
@@ -173,13 +181,15 @@ def jax_decoder(params, cfg: ModelConfig, prompt_1xL: np.ndarray):
 
 def hf_decoder(params, cfg: ModelConfig, prompt_1xL: np.ndarray):
   """The same (prefill, decode) pair on transformers' GPT2LMHeadModel holding the same weights
-  (twist_jax.hf's export tensors), with its own KV cache (past_key_values)."""
+  (twist_jax.hf's export tensors, in cfg.dtype: bf16 weights widen to float32 and back
+  exactly), with its own KV cache (past_key_values)."""
   import torch  # pylint: disable=import-outside-toplevel
   import transformers  # pylint: disable=import-outside-toplevel
   model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**hf._hf_config(cfg))).eval()
   tensors = {k: torch.from_numpy(v) for k, v in hf._hf_tensors(params, cfg).items()}
   missing, unexpected = model.load_state_dict(tensors, strict=False)
   assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+  model = model.to(getattr(torch, cfg.dtype))
   assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()  # tied
   ids_1xL = torch.from_numpy(prompt_1xL.astype(np.int64))
 
@@ -253,24 +263,34 @@ def bench_decode(models: dict, shape: dict) -> dict:
   return out
 
 
-def bench_size(shape: dict) -> dict:
-  """Two phases, so that at most two models are alive (XL: 6 GB each): full with its subnet,
-  then full with the sparse model; each ratio compares timings of the same phase."""
-  t0 = time.perf_counter()
+def full_and_subnet(shape: dict, dtype: str = "float32") -> dict:
+  """{'full': (params, cfg), 'subnet': (params, cfg)}: random weights of `shape` and its
+  extracted attn_mlp kappa = 0.5 subnet (a random draw, correction folded), both in `dtype`."""
   cfg = ModelConfig.uniform(n_layer=shape["n_layer"], n_head=shape["n_head"],
                             n_embd=shape["n_embd"], vocab_size=shape["vocab_size"],
                             n_positions=N_POSITIONS)
   full = random_params(cfg)
   spec = deploy.deploy_spec(cfg, MODE, KAPPA)
   subnet = deploy.choose_subnet(full, cfg, spec, "random", jax.random.key(0))
-  small, cfg_small = deploy.extract(full, cfg, spec, subnet)
+  models = {"full": (full, cfg), "subnet": deploy.extract(full, cfg, spec, subnet)}
+  return {name: decoding.cast_weights(p, c, dtype) for name, (p, c) in models.items()}
+
+
+def bench_size(shape: dict, dtype: str = "float32") -> dict:
+  """Two phases, so that at most two models are alive (XL: 6 GB each): full with its subnet,
+  then full with the sparse model; each ratio compares timings of the same phase."""
+  t0 = time.perf_counter()
+  models = full_and_subnet(shape, dtype)
+  (full, cfg), (small, cfg_small) = models["full"], models["subnet"]
+  del models
   secs = median_times({"full": (full, cfg), "subnet": (small, cfg_small)}, shape)
   models = {"full": summary(full, cfg, secs["full"], shape["prompt"]),
             "subnet": summary(small, cfg_small, secs["subnet"], shape["prompt"])}
   models["subnet"].update(n_head=cfg_small.n_head[0], n_inner=cfg_small.n_inner[0])
   decode = bench_decode({"full": (full, cfg), "subnet": (small, cfg_small)}, shape)
   del small
-  sparse = random_params(cfg, sparsity=SPARSITY)  # the same draws as `full`, pruned
+  # The same draws as `full`, pruned.
+  sparse, _ = decoding.cast_weights(random_params(cfg, sparsity=SPARSITY), cfg, dtype)
   secs = median_times({"full": (full, cfg), "sparse50": (sparse, cfg)}, shape)
   models["full_sparse_phase"] = summary(full, cfg, secs["full"], shape["prompt"])
   models["sparse50"] = summary(sparse, cfg, secs["sparse50"], shape["prompt"])
@@ -296,10 +316,13 @@ def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--sizes", default="124m,xl", help="comma-separated: 124m, xl")
   p.add_argument("--quick", action="store_true", help="tiny shapes (a CPU test in seconds)")
+  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                 help="weights and compute of every model, twist_jax and transformers alike")
   p.add_argument("--xl-layers", type=int, default=0,
                  help="blocks of the xl shape (0 = all 48); fewer when 48 do not fit in memory")
   args = p.parse_args(argv)
   table = QUICK if args.quick else SIZES
+  load_before = common.load_info()
   if args.xl_layers < 0:
     p.error(f"--xl-layers: got {args.xl_layers}; must be >= 1 (0 = the full depth)")
   if args.xl_layers:
@@ -309,10 +332,12 @@ def main(argv=None) -> None:
   if unknown or not sizes:
     p.error(f"--sizes: unknown {unknown or sizes}; allowed: {', '.join(table)}")
   t0 = time.perf_counter()
-  results = {s: bench_size(table[s]) for s in sizes}
+  results = {s: bench_size(table[s], args.dtype) for s in sizes}
   print(json.dumps({
       "bench": "cpu_inference", "quick": args.quick, "platform": jax.devices()[0].platform,
-      "cpu_count": os.cpu_count(), "jax": jax.__version__, "dtype": "float32", "batch": 1,
+      "cpu_count": os.cpu_count(), "jax": jax.__version__, "dtype": args.dtype, "batch": 1,
+      "load_before": load_before, "load_after": common.load_info(),
+      "loaded": load_before["loadavg"][0] > LOADED,
       "subnet": f"{MODE} kappa={KAPPA} (random draw, correction folded), dense",
       "sparse": f"{SPARSITY:.0%} of each block kernel zeroed by magnitude, stored dense",
       "decode": "KV-cached greedy decoding (twist_jax.generate prefill_step + decode_loop; "

@@ -22,15 +22,17 @@ from twist_jax.model import flops_per_token, init_params  # noqa: E402
 
 
 def build_context(cfg, vocab: int) -> variants.RoundContext:
-  """The round context of cfg's variant on all usable local devices (as the trainer builds)."""
+  """The round context of cfg's variant on all usable local devices, as train.build makes it
+  (random init; no teacher: init.teacher_run needs a saved run)."""
   model = cfg.model.model_config(vocab)
-  spec = None if cfg.twist.variant == "ddp" else subnets.make_spec(model, cfg.subnet,
-                                                                    cfg.twist.workers)
-  mesh = parallel.make_mesh(parallel.device_count_for(cfg.twist.workers, cfg.twist.devices))
+  tw = cfg.twist
+  spec = None if tw.variant == "ddp" else subnets.make_spec(model, cfg.subnet, tw.workers)
+  mesh = parallel.make_mesh(parallel.device_count_for(tw.workers, tw.devices))
   return variants.RoundContext(
       model, spec, worker.make_optimizer(cfg.opt),
-      lambda t: config_lib.lr_at(cfg.opt, cfg.steps, t), mesh, cfg.twist.opt_state,
-      aggregate.outer_optimizer(cfg.twist.outer_lr, cfg.twist.outer_momentum))
+      lambda t: config_lib.lr_at(cfg.opt, cfg.steps, t), mesh, tw.opt_state,
+      aggregate.outer_optimizer(tw.outer_lr, tw.outer_momentum), tw.full_workers if spec else 0,
+      tw.distill, tw.distill_temperature)
 
 
 def build_round(cfg, vocab: int):

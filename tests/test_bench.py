@@ -3,9 +3,11 @@ traffic of a real TwIST round against DDP's (the systems claim: once per R steps
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
@@ -71,4 +73,93 @@ def test_true_twist_moves_once_per_round(opt_state, bound):
   assert cases["ddp"]["devices"] == 8 and cases["true"]["devices"] == 8
   ratio = cases["true"]["collective_bytes_per_token_vs_ddp"]
   assert 0.5 / 15 < ratio <= bound
-  assert cases["true"]["memory_bytes_per_device"]["total"] > 0
+  for c in cases.values():  # the reported numbers agree with each other and with the settings
+    check_round_timing(c, workers=8, steps=15, batch=2, context=32)
+    mem = c["memory_bytes_per_device"]
+    assert mem["total"] == mem["argument"] + mem["output"] + mem["temp"] - mem["alias"]
+    # Every device holds the whole central state: params, Adam's two moments (float32).
+    assert mem["argument"] >= 3 * 4 * c["model_params"]
+  assert cases["true"]["memory_vs_ddp"] == (cases["true"]["memory_bytes_per_device"]["total"] /
+                                            cases["ddp"]["memory_bytes_per_device"]["total"])
+
+
+def check_round_timing(rec, *, workers, steps, batch, context):
+  """train_throughput.measure's numbers: tokens counted from the settings, the median of the
+  timed rounds, and tokens/s and step time derived from those."""
+  assert rec["tokens_per_round"] == workers * steps * batch * context
+  assert rec["round_time_s"] == statistics.median(rec["round_times_s"])
+  assert rec["tokens_per_s"] == pytest.approx(rec["tokens_per_round"] / rec["round_time_s"],
+                                              rel=1e-12)
+  assert rec["step_time_s"] == pytest.approx(rec["round_time_s"] / steps, rel=1e-12)
+
+
+# ---- bench/gpu_check.sh --dry -------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_writes_consistent_json(tmp_path):
+  """The GPU check's code at tiny shapes on CPU: one JSON file whose numbers agree with each
+  other and with the settings (tokens counted from the shapes, FLOPs from the model, MFU and
+  the kappa ratio from the measured tokens/s), every case timed and its host load recorded."""
+  proc = subprocess.run(["bash", os.path.join(BENCH, "gpu_check.sh"), "--dry", "--out",
+                         str(tmp_path), "--budget-s", "1500"],
+                        capture_output=True, text=True, timeout=1800)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(tmp_path / "gpu_check.json") as f:
+    rec = json.load(f)
+  assert rec["dry"] and rec["complete"], proc.stderr[-3000:]
+  check_gpu_check_record(rec)
+
+
+def check_gpu_check_record(rec):
+  """gpu_check.json's numbers agree with each other and with the settings."""
+  import common  # pylint: disable=import-outside-toplevel
+  import gpu_check  # pylint: disable=import-outside-toplevel
+  from twist_jax import model as model_lib  # pylint: disable=import-outside-toplevel
+
+  assert rec["device"]["platform"] == "cpu" and rec["device"]["devices"] == 1
+  for key in ("load_before", "load_after"):
+    assert rec["host"][key]["uptime"] and len(rec["host"][key]["loadavg"]) == 3
+  cases = {"dense": rec["dense"], "decode": rec["decode"], **rec["configs"]}
+  assert set(cases) == set(gpu_check.CASES)
+  for c in cases.values():
+    assert c["status"] == "ok" and 0 < c["wall_s"] <= rec["total_wall_s"]
+    assert len(c["load_before"]["loadavg"]) == 3
+
+  dense, s = rec["dense"], rec["dense"]["settings"]
+  check_round_timing(dense, workers=1, steps=s["steps"], batch=s["batch"], context=s["context"])
+  n_layer, n_head, n_embd, vocab = common.PRESETS[s["preset"]]
+  model = model_lib.ModelConfig.uniform(n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                                        vocab_size=vocab, n_positions=s["context"])
+  assert dense["flops_per_token"] == model_lib.flops_per_token(model, s["context"])
+  assert dense["peak_flops"] == gpu_check.DRY_PEAK_FLOPS
+  assert dense["mfu"] == pytest.approx(
+      dense["tokens_per_s"] * dense["flops_per_token"] / dense["peak_flops"], rel=1e-12)
+
+  for name in gpu_check.CONFIGS:
+    c, (cfg, vocab) = rec["configs"][name], gpu_check.load_config(name, dry=True)
+    got = c["settings"]
+    want = (cfg.twist.variant, cfg.twist.workers, cfg.data.batch_size, cfg.twist.local_steps,
+            cfg.subnet.kappa, cfg.model.remat)
+    assert [got[k] for k in ("variant", "workers", "batch", "local_steps", "kappa", "remat")] == (
+        json.loads(json.dumps(want)))  # as JSON writes them: tuples become lists
+    check_round_timing(c, workers=got["workers"], steps=got["local_steps"], batch=got["batch"],
+                       context=got["context"])
+    mem = c["xla_memory_bytes_per_device"]
+    assert mem["total"] == mem["argument"] + mem["output"] + mem["temp"] - mem["alias"]
+    assert mem["argument"] >= 3 * 4 * c["model_params"]  # params and Adam's moments, float32
+
+  ratio = rec["kappa_ratio"]
+  assert ratio["same_settings"] and set(np.atleast_1d(ratio["kappa"])) == {0.5}
+  assert ratio["ddp_tokens_per_s"] == rec["configs"]["gpt2_ddp"]["tokens_per_s"]
+  assert ratio["attn_mlp_tokens_per_s"] == rec["configs"]["gpt2_attn_mlp"]["tokens_per_s"]
+  assert ratio["ratio"] == ratio["attn_mlp_tokens_per_s"] / ratio["ddp_tokens_per_s"]
+
+  decode = rec["decode"]
+  rows = decode["models"]
+  assert set(rows) == {"full", "subnet"} and decode["dtype"] == "bfloat16"
+  for r in rows.values():
+    assert r["decode_tokens_per_s"] == decode["new_tokens"] / r["decode_s"]
+  assert decode["speedup"]["subnet_vs_full"] == (rows["subnet"]["decode_tokens_per_s"] /
+                                                 rows["full"]["decode_tokens_per_s"])
+  assert decode["subnet"]["n_head"] == decode["shape"]["n_head"] // 2  # attn_mlp kappa = 0.5

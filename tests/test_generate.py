@@ -9,6 +9,7 @@ import functools
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -201,6 +202,87 @@ def test_zero_new_tokens_and_errors(params):
       generate.sample(params, CFG, key=jax.random.key(0), **args)
 
 
+# ---- in-place cache, bfloat16 weights ----------------------------------------------------------
+
+
+def test_decode_loop_updates_the_cache_in_place():
+  """The compiled decode loop writes each layer's cache with a dynamic-update-slice and never
+  copies a whole cache (the optimization barrier in decoding orders the reads first)."""
+  cfg = CFG.replace(n_positions=128)
+  args = (random_params(cfg), cfg, decoding.init_cache(cfg, 1), jnp.zeros((1,), jnp.int32),
+          jnp.int32(3), jnp.int32(5), jax.random.key(0), 0, 0, jnp.float32(0))
+  hlo = generate.decode_loop.lower(*args).compile().as_text()
+  cache_shape = r"f32\[1,4,128,8\]"  # (B, H, P, K)
+  assert re.search(cache_shape + r"\S* dynamic-update-slice\(", hlo)
+  assert not re.search(cache_shape + r"\S* copy(-start)?\(", hlo)
+
+
+def logits_and_bf16_error(params, cfg, tokens_BxL):
+  """(float32 logits, bf16 params, bf16 cfg, error): error = max |logits| difference of the
+  model's own uncached forward with the weights and compute in bfloat16: the rounding error
+  bf16 puts on these logits, the scale other bf16 paths are held to."""
+  want = np.asarray(full_logits(params, cfg, tokens_BxL))
+  p16, c16 = decoding.cast_weights(params, cfg, jnp.bfloat16)
+  error = float(np.abs(np.asarray(full_logits(p16, c16, tokens_BxL)) - want).max())
+  assert error > 0  # bf16 really rounds here, so a bound of 2 x error can fail
+  return want, p16, c16, error
+
+
+@pytest.mark.parametrize("cfg", [BIG, WIDE], ids=["uniform", "wide"])
+def test_bf16_cached_logits_within_twice_the_forwards_rounding_error(cfg):
+  """bf16 cached decoding rounds in another order than the forward, so its error is of the same
+  size but not the same: within twice the forward's bf16 error of the float32 logits. A bf16
+  softmax or a float32 cache read as bf16 twice would exceed it."""
+  params = random_params(cfg)
+  tokens_BxL = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (3, 16)))
+  want, p16, c16, error = logits_and_bf16_error(params, cfg, tokens_BxL)
+  assert {x.dtype for x in jax.tree.leaves(p16)} == {jnp.dtype(jnp.bfloat16)}
+  assert c16.dtype == "bfloat16" and cfg.dtype == "float32"
+  _, cache = prefill(p16, c16, tokens_BxL[:, :5])
+  assert {x.dtype for x in jax.tree.leaves(cache)} == {jnp.dtype(jnp.bfloat16)}
+  got = cached_logits(p16, c16, tokens_BxL, 5)
+  assert np.abs(got - want).max() <= 2 * error
+
+
+def test_bf16_greedy_equals_float32_on_a_confident_model():
+  """Where every greedy step's float32 top-2 margin exceeds 4 x the bf16 error (each logit moves
+  by at most 2 x it), sample(..., weights_dtype=bfloat16) picks the float32 tokens. Seed 5's
+  model is that confident on this prompt (asserted, so the comparison is never vacuous)."""
+  params = random_params(BIG, 5)
+  prompt_ids = np.random.default_rng(5).integers(0, BIG.vocab_size, 4)
+  out = generate.sample(params, BIG, prompt_ids, jax.random.key(0), 11, temperature=0)
+  want, _, _, error = logits_and_bf16_error(params, BIG, jnp.asarray(out)[None])
+  top2 = np.sort(want[0, 3:-1], axis=-1)[:, -2:]
+  assert (top2[:, 1] - top2[:, 0]).min() > 4 * error
+  out16 = generate.sample(params, BIG, prompt_ids, jax.random.key(0), 11, temperature=0,
+                          weights_dtype=jnp.bfloat16)
+  np.testing.assert_array_equal(out16, out)
+
+
+HAVE_TRANSFORMERS = all(importlib.util.find_spec(m) for m in ("torch", "transformers"))
+
+
+@pytest.mark.skipif(not HAVE_TRANSFORMERS, reason="needs torch + transformers (the hf extra)")
+def test_bf16_cached_logits_match_transformers_bf16():
+  """transformers' GPT2LMHeadModel with the same weights in bfloat16 and twist_jax's bf16 cached
+  decoding are two bf16 computations of the float32 logits, each within about the forward's
+  bf16 error of them: they differ by at most twice it."""
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+  from twist_jax import hf  # pylint: disable=import-outside-toplevel
+
+  params = random_params(BIG)
+  tokens_BxL = jnp.asarray(np.random.default_rng(2).integers(0, BIG.vocab_size, (2, 16)))
+  _, p16, c16, error = logits_and_bf16_error(params, BIG, tokens_BxL)
+  hf_model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**hf._hf_config(BIG))).eval()
+  hf_model.load_state_dict({k: torch.from_numpy(v) for k, v in hf._hf_tensors(p16, BIG).items()},
+                           strict=False)
+  with torch.inference_mode():
+    theirs = hf_model.to(torch.bfloat16)(torch.from_numpy(np.asarray(tokens_BxL, np.int64)))
+  theirs = theirs.logits.float().numpy()
+  assert np.abs(cached_logits(p16, c16, tokens_BxL, 5) - theirs).max() <= 2 * error
+
+
 # ---- CLI -----------------------------------------------------------------------------------------
 
 
@@ -278,31 +360,66 @@ def test_cli_on_training_run(tmp_path, capsys):
 # ---- benchmark -----------------------------------------------------------------------------------
 
 
+def check_decode_record(decode, new_tokens):
+  """cpu_inference's decode numbers agree with each other: tokens/s from the token count and
+  the medians, the speed-ups from the tokens/s."""
+  assert decode["new_tokens"] == new_tokens
+  for r in decode["models"].values():
+    assert r["decode_tokens_per_s"] == new_tokens / r["decode_s"]
+    assert r["generate_tokens_per_s"] == new_tokens / (r["prefill_s"] + r["decode_s"])
+  tps = {name: r["decode_tokens_per_s"] for name, r in decode["models"].items()}
+  assert decode["speedup"]["subnet_vs_full"] == tps["subnet"] / tps["full"]
+  if "transformers" in tps:
+    assert decode["speedup"]["twist_jax_full_vs_transformers"] == tps["full"] / tps["transformers"]
+    assert 0 <= decode["greedy_tokens_agree_before_first_difference"] <= new_tokens
+
+
 @pytest.mark.slow
-def test_bench_cpu_inference_quick_prints_json():
+@pytest.mark.parametrize("dtype,sizes", [("float32", "124m,xl"), ("bfloat16", "124m")])
+def test_bench_cpu_inference_quick_prints_json(dtype, sizes):
   proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "cpu_inference.py"),
-                         "--quick"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+                         "--quick", "--dtype", dtype, "--sizes", sizes],
+                        capture_output=True, text=True, timeout=600, cwd=ROOT)
   assert proc.returncode == 0, proc.stderr[-2000:]
   lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
   assert len(lines) == 1
-  rec = json.loads(lines[0])
-  assert rec["platform"] == "cpu" and set(rec["sizes"]) == {"124m", "xl"}
+  check_cpu_inference_record(json.loads(lines[0]), dtype, sizes.split(","))
+
+
+def check_cpu_inference_record(rec, dtype, sizes):
+  """cpu_inference's JSON: exact sizes from the shapes, rates and ratios from its timings."""
+  assert rec["platform"] == "cpu" and set(rec["sizes"]) == set(sizes)
+  assert rec["dtype"] == dtype and rec["loaded"] == (rec["load_before"]["loadavg"][0] > 0.5)
+  assert rec["load_before"]["uptime"] and rec["load_after"]["uptime"]
+  itemsize = np.dtype(jnp.dtype(dtype)).itemsize
   for size in rec["sizes"].values():
     models = size["models"]
     assert set(models) == {"full", "subnet", "full_sparse_phase", "sparse50"}
-    assert models["subnet"]["param_bytes"] < models["full"]["param_bytes"]
+    full = ModelConfig.uniform(**size["shape"], n_positions=1024)
+    assert models["full"]["params"] == full.num_params()
+    assert models["full"]["param_bytes"] == itemsize * full.num_params()
+    sub = models["subnet"]  # attn_mlp kappa = 0.5: the deploy rule's heads and MLP units
+    spec = subnets.deploy_spec(full, "attn_mlp", 0.5)
+    assert (sub["n_head"], sub["n_inner"]) == (spec.keep_head[0], spec.keep_unit[0])
+    sub_cfg = full.replace(n_head=(sub["n_head"],) * full.n_layer,
+                           n_inner=(sub["n_inner"],) * full.n_layer)
+    assert sub["params"] == sub_cfg.num_params()
+    assert sub["param_bytes"] == itemsize * sub_cfg.num_params()
     assert models["sparse50"]["param_bytes"] == models["full"]["param_bytes"]
     assert models["sparse50"]["block_kernel_zero_fraction"] == pytest.approx(0.5, abs=0.01)
     for m in models.values():
-      assert m["prefill_tokens_per_s"] > 0 and m["decode1_tokens_per_s"] > 0
-    assert size["speedup"]["subnet_vs_full"]["fwd_flops"] > 1
-    decode = size["decode"]
-    assert decode["speedup"]["subnet_vs_full"] > 0 and decode["new_tokens"] == 8
-    assert all(m["decode_tokens_per_s"] > 0 for m in decode["models"].values())
+      assert m["prefill_tokens_per_s"] == size["prompt_len"] / m["prefill_s"]
+      assert m["decode1_tokens_per_s"] == 1 / m["decode1_s"]
+    speed = size["speedup"]["subnet_vs_full"]
+    assert speed["fwd_flops"] == (models["full"]["fwd_flops_per_token"] /
+                                  models["subnet"]["fwd_flops_per_token"])
+    assert speed["prefill"] == (models["subnet"]["prefill_tokens_per_s"] /
+                                models["full"]["prefill_tokens_per_s"])
+    check_decode_record(size["decode"], 8)
   decode = rec["sizes"]["124m"]["decode"]
   if importlib.util.find_spec("transformers") and importlib.util.find_spec("torch"):
-    assert decode["speedup"]["twist_jax_full_vs_transformers"] > 0
-    # The same weights and greedy decoding: transformers picks the same tokens.
-    assert decode["greedy_tokens_agree_before_first_difference"] == 8
+    assert "twist_jax_full_vs_transformers" in decode["speedup"]
+    if dtype == "float32":  # the same weights and greedy decoding: the same tokens
+      assert decode["greedy_tokens_agree_before_first_difference"] == 8
   else:
     assert decode["transformers"].startswith("not installed")

@@ -23,6 +23,17 @@ def init_cache(cfg: ModelConfig, batch: int) -> tuple:
   return tuple((zeros(h), zeros(h)) for h in cfg.n_head)
 
 
+def cast_weights(params, cfg: ModelConfig, dtype) -> tuple[dict, ModelConfig]:
+  """(params, cfg) that decode with floating weights stored in `dtype` and computing in it:
+  bfloat16 halves the bytes every decode step reads. As in training's mixed precision, the
+  attention scores, softmax and LayerNorm statistics stay float32, and the cache is in `dtype`."""
+  dtype = jnp.dtype(dtype)
+  # Leaves already in dtype are kept, not copied (XL's float32 weights are 6 GB).
+  cast = lambda x: (x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype
+                    else x)
+  return jax.tree.map(cast, params), cfg.replace(dtype=dtype.name)
+
+
 def _embed(params, cfg: ModelConfig, tokens_BxT, pos_T):
   dtype = jnp.dtype(cfg.dtype)
   embed = lambda name, n, ids: nn.Embed(n, cfg.n_embd, dtype=dtype).apply(
@@ -73,6 +84,16 @@ def prefill(params, cfg: ModelConfig, tokens_BxT):
   return _final(params, cfg, x_BxTxD), tuple(cache)
 
 
+def _after(x, dep):
+  """x, made to data-depend on `dep` (exactly x: dep is finite, so 0 * dep is zero), so that
+  XLA computes dep before any user of the result. decode writes the new key and value through
+  it after `out`, which reads both caches: with the write first, XLA copies the whole cache
+  every step to keep the old one readable. jax.lax.optimization_barrier does not order them (the
+  CPU compiler expands it before copy insertion; test_decode_loop_updates_the_cache_in_place
+  sees the copies), nor does writing first and reading the updated cache."""
+  return x + (0 * dep).astype(x.dtype)
+
+
 def _attend_cache(q_Bx1xHxK, k_Bx1xHxK, v_Bx1xHxK, layer_cache, pos):
   """Attention of one position over cached positions 0..pos-1 plus itself; returns the cache
   with its key/value written at `pos`. The scores read the cache as it was (entries at pos and
@@ -92,12 +113,9 @@ def _attend_cache(q_Bx1xHxK, k_Bx1xHxK, v_Bx1xHxK, layer_cache, pos):
   w_BxHxPp1 = w_BxHxPp1.astype(vc_BxHxPxK.dtype)
   out_BxHxK = (jnp.einsum("bhp,bhpk->bhk", w_BxHxPp1[..., :-1], vc_BxHxPxK) +
                w_BxHxPp1[..., -1:] * vn_BxHxK)
-  # `+ 0 * out` (exact: out is finite) makes each write data-depend on the reads above. Without
-  # it XLA may schedule the write first and then copy the whole cache every step to keep the
-  # old one readable, which costs more than the attention itself.
-  after_reads = lambda x: x + (0 * out_BxHxK).astype(x.dtype)
   kc_BxHxPxK, vc_BxHxPxK = (
-      jax.lax.dynamic_update_slice(c, after_reads(x)[:, :, None].astype(c.dtype), (0, 0, pos, 0))
+      jax.lax.dynamic_update_slice(c, _after(x, out_BxHxK)[:, :, None].astype(c.dtype),
+                                   (0, 0, pos, 0))
       for c, x in ((kc_BxHxPxK, kn_BxHxK), (vc_BxHxPxK, vn_BxHxK)))
   return out_BxHxK[:, None].astype(q_Bx1xHxK.dtype), (kc_BxHxPxK, vc_BxHxPxK)
 

@@ -117,12 +117,15 @@ def _generate(params, cfg: ModelConfig, ids_BxL, key, max_new_tokens: int, tempe
 
 
 def sample(params, cfg: ModelConfig, prompt_ids, key: jax.Array, max_new_tokens: int,
-           temperature: float = 1.0, top_k: int = 0, stats: dict | None = None) -> np.ndarray:
+           temperature: float = 1.0, top_k: int = 0, stats: dict | None = None,
+           weights_dtype=None) -> np.ndarray:
   """Prompt followed by `max_new_tokens` sampled ids (int32); deterministic in `key`.
 
   `prompt_ids` is 1-D (returns 1-D) or (B, L) of B prompts of one length (returns (B, L+new)).
   temperature 0 is greedy; top_k 0 keeps the whole vocabulary. `stats`, if given, receives the
   wall seconds (compilation included), the new-token count and the prefill calls.
+  `weights_dtype` (e.g. jnp.bfloat16): decode with the weights cast to it and computing in it
+  (decoding.cast_weights); None keeps params and cfg.dtype as they are.
   """
   ids = np.asarray(prompt_ids, np.int32)
   ids_BxL = ids.reshape(1, -1) if ids.ndim == 1 else ids
@@ -131,6 +134,8 @@ def sample(params, cfg: ModelConfig, prompt_ids, key: jax.Array, max_new_tokens:
   if ids_BxL.shape[1] == 0:
     raise UserError("the prompt is empty: give at least one token")
   _check(max_new_tokens, temperature, top_k, cfg.vocab_size)
+  if weights_dtype is not None:
+    params, cfg = decoding.cast_weights(params, cfg, weights_dtype)
   t0 = time.perf_counter()
   new_BxT, counts = _generate(params, cfg, jnp.asarray(ids_BxL), key, max_new_tokens,
                               temperature, int(top_k))
