@@ -2,7 +2,6 @@
 full record, for unstructured and structured methods, consistent with evaluating the model
 directly; bad arguments exit 2 with one line and write nothing."""
 
-import importlib.util
 import json
 import math
 import os
@@ -15,7 +14,8 @@ import pytest
 from twist_jax import checkpoint, config, data, evaluate
 from twist_jax.baselines import __main__ as cli
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT, load_experiment
+
 KEYS = {"method", "kind", "sparsity", "val_loss", "val_ppl", "protocol", "windows",
         "params_total", "params_kept", "params_kept_fraction", "calibration", "time_prune_s",
         "time_s", "workdir"}
@@ -26,11 +26,7 @@ def ddp_run(tmp_path_factory):
   """The DDP smoke run, trained once (~10 s)."""
   from twist_jax import train
 
-  path = os.path.join(ROOT, "experiments", "pydocs_ddp.py")
-  spec = importlib.util.spec_from_file_location("pydocs_ddp", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config("smoke")
+  c = load_experiment("pydocs_ddp", "smoke")
   # Test speed only: one device compiles faster; one checkpoint at the end is all that is read.
   c.log.progress, c.twist.devices, c.ckpt.every = False, 1, c.steps
   workdir = str(tmp_path_factory.mktemp("runs") / "ddp")

@@ -4,7 +4,6 @@ the four heuristics choose what they claim, save/load round-trips, and the CLI o
 
 import dataclasses
 import functools
-import importlib.util
 import json
 import os
 
@@ -16,11 +15,10 @@ import pytest
 
 from twist_jax import checkpoint, config, deploy, evaluate, subnets
 from twist_jax.errors import DataError, UserError
-from twist_jax.model import GPT2, ModelConfig, init_params
+from twist_jax.model import GPT2, ModelConfig
 
-from helpers import exit_code, random_params
+from helpers import exit_code, have_transformers, load_experiment, random_params
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = ModelConfig.uniform(n_layer=4, n_head=4, n_embd=32, vocab_size=256, n_positions=16)
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 12)), jnp.int32)
 
@@ -262,11 +260,7 @@ def test_save_into_empty_folder_and_hf_refusal(params, tmp_path):
 
 
 def smoke_config(mode: str):
-  spec = importlib.util.spec_from_file_location(
-      "pydocs_attn", os.path.join(ROOT, "experiments", "pydocs_attn.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config("smoke")
+  c = load_experiment("pydocs_attn", "smoke")
   c.subnet.mode = mode
   c.steps, c.log.progress = 10, False
   c.eval.update(every=10, max_windows=8)
@@ -318,9 +312,12 @@ def test_cli_short_summary_and_json_record_file(mlp_run, tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not have_transformers(),  # CI (TWIST_REQUIRE_TRANSFORMERS): never skipped
+                    reason="loading the export in transformers needs torch + transformers: "
+                    "pip install -e '.[hf]'")
 def test_cli_hf_export_loads_in_transformers(mlp_run, tmp_path, capsys):
-  torch = pytest.importorskip("torch")
-  transformers = pytest.importorskip("transformers")
+  import torch
+  import transformers
   out = tmp_path / "deployed"
   code, rec, err = run_cli(capsys, "--workdir", mlp_run, "--kappa", 0.5, "--heuristic",
                            "random", "--seed", 1, "--out", out, "--hf")

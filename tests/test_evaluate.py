@@ -2,22 +2,18 @@
 subnets and the masked full model), kappa = 1 against the full model, no recompile per subnet,
 and the golden-ticket report, heatmap and CLI on two tiny trained runs (TwIST and DDP)."""
 
-import importlib.util
 import json
 import os
 
-import flax
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from twist_jax import config, evaluate, subnets
-from twist_jax.model import ModelConfig, init_params
+from twist_jax.model import ModelConfig
 
-from helpers import random_params
+from helpers import load_experiment, random_params
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = ModelConfig.uniform(n_layer=2, n_head=4, n_embd=32, vocab_size=64, n_positions=16)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -108,11 +104,7 @@ def test_distribution_stats():
 
 
 def smoke_config(name: str):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "experiments",
-                                                                   f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config("smoke")
+  c = load_experiment(name, "smoke")
   # Test speed only (what is trained is unchanged): one device compiles faster than a 4-device
   # mesh, and one checkpoint at the end is all the evaluation reads.
   c.log.progress, c.twist.devices, c.ckpt.every = False, 1, c.steps

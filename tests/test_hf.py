@@ -3,7 +3,6 @@ folders (pure JAX, no torch), and the same logits as transformers itself both wa
 `hf` extra: torch + transformers)."""
 
 import functools
-import importlib.util
 import json
 import os
 import sys
@@ -18,14 +17,12 @@ from twist_jax import hf
 from twist_jax.errors import DataError, UserError
 from twist_jax.model import GPT2, ModelConfig, init_params
 
-from helpers import random_params
+from helpers import have_transformers, random_params
 random_params = functools.partial(random_params, std=0.1)
 
 # The transformers cross-checks are marked, not silently skipped: `-ra` prints the reason, and
 # CI installs the `hf` extra and sets TWIST_REQUIRE_TRANSFORMERS, so there they always run.
-HAVE_TRANSFORMERS = all(importlib.util.find_spec(m) for m in ("torch", "transformers"))
-if os.environ.get("TWIST_REQUIRE_TRANSFORMERS") and not HAVE_TRANSFORMERS:
-  raise ImportError("TWIST_REQUIRE_TRANSFORMERS is set (CI) but torch or transformers is missing")
+HAVE_TRANSFORMERS = have_transformers()
 requires_transformers = pytest.mark.skipif(
     not HAVE_TRANSFORMERS,
     reason="cross-check against transformers needs torch + transformers: pip install -e '.[hf]'")

@@ -1,23 +1,21 @@
 """Interruption, divergence, corrupt checkpoints, determinism across device counts, hygiene."""
 
-import importlib.util
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
 import time
 
-import chex
 import jax.numpy as jnp
 import pytest
 
 from twist_jax import config as config_lib, train
 from twist_jax.errors import DataError, DivergenceError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT, assert_same_training, load_experiment
+
 LONG = ["--config.steps=100", "--config.ckpt.every=20", "--config.eval.every=50",
         "--config.log.progress=False"]
 VOLATILE = ("round_time_s", "tokens_per_s")
@@ -26,11 +24,7 @@ VOLATILE = ("round_time_s", "tokens_per_s")
 def config(variant="true", steps=100, **sections):
   # The same config file that `launch` runs (it sets its own lr and warm-up), so the in-process
   # reference and the launched runs train the same thing.
-  spec = importlib.util.spec_from_file_location("pydocs_attn", os.path.join(
-      ROOT, "experiments", "pydocs_attn.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config("smoke")
+  c = load_experiment("pydocs_attn", "smoke")
   c.twist.variant = variant
   c.subnet.mode = "attn"
   c.update_from_flattened_dict({"steps": steps, "ckpt.every": 20, "eval.every": 50,
@@ -195,7 +189,9 @@ def test_same_run_on_1_2_and_4_devices(tmp_path):
     train.train(config(steps=20, **{"twist.devices": devices, "opt.eps": 1e-6}), str(wd))
     runs[devices] = training_lines(wd)
   for devices in (2, 4):
-    chex.assert_trees_all_close(runs[devices], runs[1], rtol=2e-5, atol=2e-5)
+    # Empirical float32 floor (no float64 training exists to derive it from; see
+    # assert_same_training). Steps, rounds, lr and subnet coverage are compared exactly.
+    assert_same_training(runs[devices], runs[1], rtol=2e-5, atol=2e-5)
 
 
 def test_keeps_last_k_plus_best(tmp_path):

@@ -1,7 +1,6 @@
 """End to end: configs load, smoke training lowers the loss, resume is exact, bad input exits 2."""
 
 import glob
-import importlib.util
 import json
 import os
 import shutil
@@ -12,20 +11,11 @@ import pytest
 
 from twist_jax import config as config_lib, train
 
-from helpers import exit_code
+from helpers import ROOT, exit_code, have_transformers, load_experiment
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import launch  # noqa: E402  (the repository root's entry point)
 EXPERIMENTS = sorted(glob.glob(os.path.join(ROOT, "experiments", "*.py")))
-
-
-def load_experiment(name, arg=None):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "experiments",
-                                                                   f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
 
 
 def read_metrics(workdir):
@@ -170,9 +160,7 @@ def test_init_from_run_starts_from_its_latest_params(finished_run, tmp_path):
     train.build(config_lib.from_configdict(c), str(tmp_path / "ft2"))
 
 
-HAVE_TRANSFORMERS = all(importlib.util.find_spec(m) for m in ("torch", "transformers"))
-if os.environ.get("TWIST_REQUIRE_TRANSFORMERS") and not HAVE_TRANSFORMERS:  # CI: never skip
-  raise ImportError("TWIST_REQUIRE_TRANSFORMERS is set (CI) but torch or transformers is missing")
+HAVE_TRANSFORMERS = have_transformers()  # CI (TWIST_REQUIRE_TRANSFORMERS): never skip
 
 
 @pytest.mark.skipif(not HAVE_TRANSFORMERS,
