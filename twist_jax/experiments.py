@@ -45,6 +45,40 @@ def pydocs_schedule(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
+# The pretrained bases (twist_jax/studies/bases.py): name -> (n_embd, n_head, head_dim, n_inner).
+BASE_SHAPES = {
+    "full": (128, 8, 16, 512),  # the main job's model (0.84M params at V = 256)
+    "half": (128, 4, 16, 256),  # full's kappa = 0.5 attn_mlp subnet as a dense model
+    "narrow_full": (64, 8, 8, 256),  # half the width: the width-trend point
+    "narrow_half": (64, 4, 8, 128),  # its kappa = 0.5 attn_mlp subnet's shape
+}
+# Equal tokens per parameter within each width: narrow_full has 224,640 params to full's 842,496
+# (~35 tokens per parameter: 7200 steps x 4 workers x 8 windows x 128 tokens over 0.84M).
+BASE_STEPS = {"full": 7200, "half": 7200, "narrow_full": 1920, "narrow_half": 1920}
+
+
+def pysource_base(c: ml_collections.ConfigDict, shape: str) -> ml_collections.ConfigDict:
+  """Dense (DDP) pretraining of base `shape` on python_source, the stdlib's code.
+
+  Every shape sees the same windows in the same order (same seed, workers and batch); a pair
+  (full, half) differs only in its model and so measures what width buys at this budget.
+  """
+  if shape not in BASE_SHAPES:
+    raise ValueError(f"base shape must be one of {', '.join(BASE_SHAPES)} (got {shape!r})")
+  c.twist.variant = "ddp"
+  c.twist.workers = 4
+  c.twist.local_steps = 15
+  c.data.update(name="python_source", tokenizer="bytes", batch_size=8)
+  c.opt.update(lr=3e-3, warmup_steps=100)
+  c.eval.update(every=600, max_windows=512, golden_samples=0)  # windows spread over the split
+  c.ckpt.update(every=600, keep=2)
+  c.log.every = 4
+  d, h, k, f = BASE_SHAPES[shape]
+  c.model.update(n_embd=d, n_head=h, head_dim=k, n_inner=f)
+  c.steps = BASE_STEPS[shape]
+  return c
+
+
 def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Seconds on a CPU: tiny model, built-in corpus, a few rounds, one checkpoint mid-way."""
   c.model.update(n_layer=2, n_head=4, n_embd=32, context=32, dtype="float32", attention="xla")

@@ -1,2 +1,1 @@
-"""Studies: thin drivers that turn arms (tables of small dataclasses) into normal training runs
-plus evaluations, and write their reports. The library never imports this package."""
+"""Studies: drivers that run the library as experiments (arms as data); the library never imports them."""
