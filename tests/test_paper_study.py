@@ -5,6 +5,7 @@ study end to end."""
 import json
 import math
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -61,6 +62,7 @@ def test_arms_table_seeds_bases_and_learning_rates():
     assert sorted(a.seed for a in by(label, "narrow")) == [0, 1, 2], label
   for label in list(paper_arms.LEVERS) + ["A0'"]:
     assert [a.seed for a in by(label)] == [0], label
+  assert sorted(a.seed for a in by("C1")) == [0, 1, 2]  # one per A0 seed (its teacher)
   assert {a.base for a in by("S")} == {"half"}
   assert {a.base for a in by("S", "narrow")} == {"narrow_half"}
   assert {a.base for a in by("A0") + by("B0") + by("B-SE")} == {"full"}
@@ -254,11 +256,34 @@ def test_report_says_not_testable_when_a_regime_check_fails():
 # ---- the quick study end to end ------------------------------------------------------------------
 
 
+def test_cli_refuses_missing_bases(tmp_path, capsys):
+  out = tmp_path / "paper"
+  assert paper.main(["--out", str(out)]) == 2  # the full study needs --bases
+  assert paper.main(["--out", str(out), "--bases", str(tmp_path / "none")]) == 2
+  make_standin_bases(str(tmp_path / "partial"))
+  shutil.rmtree(tmp_path / "partial" / "narrow_half")
+  assert paper.main(["--out", str(out), "--bases", str(tmp_path / "partial")]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 3 and all(line.startswith("error: --bases") for line in err)
+  assert "'narrow_half'" in err[2]
+  assert not out.exists()  # nothing written
+
+
 @pytest.mark.slow
-def test_quick_study_end_to_end(tmp_path, capsys):
-  bases = make_standin_bases(str(tmp_path / "bases"))
+def test_quick_study_end_to_end(tmp_path, capsys, monkeypatch):
+  """--quick without --bases makes tiny bases in OUT/bases (here the stand-ins, so the test
+  stays seconds-scale; studies/bases.py's own quick run is tested in test_studies_bases.py)."""
+  from twist_jax.studies import bases as bases_lib
+
+  made = []
+  monkeypatch.setattr(bases_lib, "make_bases", lambda folder, quick: made.append(quick) or
+                      make_standin_bases(folder))
   out = str(tmp_path / "paper")
-  state = paper.run(out, bases, quick=True)
+  assert paper.main(["--out", out, "--quick"]) == 0
+  assert made == [True]
+  bases = os.path.join(out, "bases")
+  with open(os.path.join(out, "paper.json"), encoding="utf-8") as f:
+    state = json.load(f)["state"]
   s = paper_arms.scale(quick=True)
   names = {a.name for a in paper_arms.grid_arms(s) + paper_arms.main_arms(s)}
   recs = {r["name"]: r for r in state["records"]}
@@ -278,11 +303,15 @@ def test_quick_study_end_to_end(tmp_path, capsys):
   b0 = next(r for r in sm["table"] if r["method"] == "B0 random subnets")["cells"]["0.5"]
   assert b0["mean"] == pytest.approx(math.exp(recs["B0-wide-s0"]["eval"]["random"]["0.5"]["mean"]))
   assert len({r["budget"]["tokens"] for r in recs.values() if r["width"] == "wide"}) == 1
-  assert [len(r["curve"]) for r in recs.values() if r["label"] == "A0"] == [3, 3][:1]
+  assert {r["width"]: len(r["curve"]) for r in recs.values() if r["label"] == "A0"} == {
+      "wide": 3, "narrow": 0}
+  assert all("sparsegpt50" in p for p in recs["A0-wide-s0"]["curve"])
   for f in ("paper.md", "golden_tickets.png", "ppl_vs_sparsity.png", "curves.png"):
     assert os.path.getsize(os.path.join(out, f)) > 0
   md = open(os.path.join(out, "paper.md"), encoding="utf-8").read()
   assert f"{sgpt['mean']:.3f}" in md and "Regime" in md
+  assert sm["regime"]["checks"]["bases_half_minus_full"]["value"] == pytest.approx(0.07)
+  assert any(r["method"] == "B* random subnets" for r in sm["table"])  # B* = B0 here
   capsys.readouterr()
   paper.run(out, bases, quick=True)  # a rerun trains nothing
   log = capsys.readouterr().out

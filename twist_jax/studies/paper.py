@@ -69,6 +69,8 @@ def load_bases(bases_dir: str | None, out: str, quick: bool) -> tuple[str, dict]
     from twist_jax.studies import bases  # pylint: disable=import-outside-toplevel
     bases_dir = os.path.join(out, "bases")
     bases.make_bases(bases_dir, quick=True)
+  if not os.path.isdir(bases_dir):
+    raise UserError(f"--bases {bases_dir}: no such folder")
   missing = [s for s in SHAPES if not deploy.is_deployed(os.path.join(bases_dir, s))]
   if missing:
     raise UserError(f"--bases {bases_dir}: no deployed base {missing[0]!r} (have the bases been "
@@ -260,9 +262,9 @@ def estimate(st: Study) -> dict:
     # Seconds per step scale with FLOPs per width unit: narrower models run less efficiently.
     train_s = st.s["sec_per_full_step"] * flops / (per_a0 * cfg.model.n_embd)
     ev = st.s["eval_s"] * (0.15 if arm.subnet_sized else 1.0) * (1.6 if arm.curve else 1.0)
-    total += train_s + ev
+    total += train_s + ev + st.s["compile_s"]
   refs = (st.s["seeds"] * 2 + 1) * 18 * st.s["eval_s"] / 10
-  return {"arms": len(plan), "seconds": total + refs, "model": estimate.__doc__.split(":")[0]}
+  return {"arms": len(plan), "seconds": total + refs, "model": "a cost model, not a measurement"}
 
 
 def report_state(st: Study) -> dict:
@@ -277,8 +279,8 @@ def report_state(st: Study) -> dict:
 
 
 def run(out: str, bases_dir: str | None = None, quick: bool = False) -> dict:
+  st = setup(out, bases_dir, quick)  # checks --bases before anything is written
   os.makedirs(out, exist_ok=True)
-  st = setup(out, bases_dir, quick)
   est = estimate(st)
   print(f"[paper] {est['arms']} arms; estimated {est['seconds'] / 60:.0f} min on 2 idle cores "
         f"({est['model']}); {len(st.windows)} validation windows", flush=True)

@@ -49,10 +49,10 @@ def scale(quick: bool) -> dict:
   if quick:
     return dict(steps=20, local_steps=5, batch=2, context=32, warmup=2, windows=16, samples=2,
                 seeds=1, lrs=(1e-3, 3e-3), calib=8, c1_seeds=1, sec_per_full_step=0.05,
-                eval_s=3.0)
+                eval_s=3.0, compile_s=5.0)
   return dict(steps=420, local_steps=15, batch=8, context=128, warmup=30, windows=512,
-              samples=16, seeds=3, lrs=(3e-4, 1e-3, 3e-3), calib=64, c1_seeds=1,
-              sec_per_full_step=1 / 2.8, eval_s=45.0)
+              samples=16, seeds=3, lrs=(3e-4, 1e-3, 3e-3), calib=64, c1_seeds=3,
+              sec_per_full_step=1 / 2.8, eval_s=45.0, compile_s=15.0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -55,7 +55,7 @@ def ppl_vs_sparsity(summary: dict, path: str) -> bool:
   ax.set_xlabel("sparsity of the block parameters")
   ax.set_ylabel("validation PPL (bytes)")
   ax.set_title("PPL vs sparsity (solid: structured, deployable smaller)")
-  ax.legend(fontsize=7, ncol=2)
+  ax.legend(fontsize=7, ncol=2, loc="upper left")
   fig.tight_layout()
   plots.save_png(fig, path)
   return True
@@ -75,7 +75,7 @@ def curves(summary: dict, path: str) -> bool:
   ax.set_xlabel("fine-tune tokens")
   ax.set_ylabel("validation loss (nats/byte)")
   ax.set_title("Fine-tuning curves (seed means)")
-  ax.legend(fontsize=7)
+  ax.legend(fontsize=7, loc="upper right")
   fig.tight_layout()
   plots.save_png(fig, path)
   return True

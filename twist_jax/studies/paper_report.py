@@ -68,8 +68,11 @@ def paper_table(state: dict, width: str = "wide") -> list[dict]:
     if cells:
       table.append({"method": method, "what": what, "structured": structured,
                     "deployable": structured is not False, "cells": cells})
+  bstar = state.get("bstar") or {}
+  star = ("TwIST + " + " + ".join(bstar["winners"]) if bstar.get("winners") else
+          "= B0 (no lever passed)")
   for label, what in (("A0", "DDP"), ("B0", "TwIST"), ("B-SE", "TwIST, dense first half"),
-                      ("B*", "TwIST + winning levers")):
+                      ("B*", star)):
     recs = rows.get(label, [])
     if not recs:
       continue
@@ -300,6 +303,26 @@ def regime_lines(sm: dict) -> list[str]:
   return lines
 
 
+def curve_lines(cv: dict) -> list[str]:
+  """What the curves say more budget would do: each TwIST row's kappa=0.5 subnet gap to A0's
+  SparseGPT-50% and to A0's full model, at half and at the full budget."""
+  a0 = cv.get("A0")
+  if not a0 or len(a0) < 3 or a0[-1]["sparsegpt50"] is None:
+    return []
+  out = [""]
+  for label in TWIST_ROWS:
+    pts = cv.get(label)
+    if not pts or len(pts) < 3:
+      continue
+    half, full = (pts[1]["sub"] - a0[1]["sparsegpt50"], pts[2]["sub"] - a0[2]["sparsegpt50"])
+    trend = "shrank" if full < half else "grew"
+    out.append(f"Curves: {label}'s kappa=0.5 subnets minus A0's SparseGPT-50% went from "
+               f"{half:+.4f} nats at half the budget to {full:+.4f} at the full budget (it "
+               f"{trend}); {label}'s full model minus A0's went from "
+               f"{pts[1]['full'] - a0[1]['full']:+.4f} to {pts[2]['full'] - a0[2]['full']:+.4f}.")
+  return out
+
+
 def markdown(sm: dict) -> str:
   lines = ["# The paper's protocol at CPU scale: TwIST vs pruning and small models", "",
            f"Command: `{sm['command']}`", "",
@@ -315,6 +338,7 @@ def markdown(sm: dict) -> str:
   for label, ts in sm["targets"].items():
     lines += [_target_line(t) for t in ts if t["met"] is not None or label == "B*"]
   wt = sm["width_trend"]
+  lines += curve_lines(sm["curves"])
   lines += ["", "## Width trend (B0's kappa=0.5 subnets, nats)", "",
             "| width | minus SparseGPT-50% of A0 | minus S |", "|---|---|---|"]
   for w in ("narrow", "wide"):
