@@ -95,6 +95,15 @@ def test_seeds_set_data_order_only_and_differ_between_seeds():
   b0 = config_lib.from_configdict(paper_arms.arm_configdict(
       s, Arm("B0", "twist", 0), "/base", base, 20, 1e-3))
   assert b0.seed == cfgs[0].seed  # A0 seed 0 and B0 seed 0 are paired on purpose
+  c1 = config_lib.from_configdict(paper_arms.arm_configdict(
+      s, Arm("C1", "c1", 0), "/student", _model("half"), 20, 1e-3, "/a0"))
+  assert c1.seed == 2000  # continues from A0 seed 0: must not replay A0's batches
+  assert not np.array_equal(first(c1.seed), batches[0])
+  plan = _plan(paper_arms.scale(quick=False))
+  by_seed = {}
+  for a in plan:
+    by_seed.setdefault(a.data_seed, set()).add(a.seed)
+  assert all(len(v) == 1 for v in by_seed.values())  # one data order per seed index
 
 
 # ---- budgets -------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ tokens (the paper's protocol); what differs is the method, so FLOPs differ and a
 Seeds change the data order and the subnet draws, never the base: arm seed s trains with
 cfg.seed = SEED_OFFSET + s (the bases were pretrained with seed 0 on another corpus). Arms of the
 same seed deliberately share their data order (A0 s, B0 s, S s ... are paired); arms of different
-seeds never do.
+seeds never do, and C1 (which continues from A0 s) draws an order of its own.
 """
 
 import dataclasses
@@ -19,6 +19,7 @@ from twist_jax import config as config_lib, subnets
 from twist_jax.model import ModelConfig, flops_per_token
 
 SEED_OFFSET = 1000  # fine-tune seed s is cfg.seed 1000 + s: nothing replays the base's order
+C1_SEED_OFFSET = 2000  # C1 fine-tunes a pruned A0 further: a data order A0 never saw
 VOCAB = 256  # python_docs with the bytes tokenizer
 MODE, KAPPA = "attn_mlp", 0.5  # TwIST's subnets (the paper's settings) and the target ratio
 KAPPAS = (0.25, 0.5, 0.75)  # evaluated random-subnet ratios
@@ -79,6 +80,12 @@ class Arm:
     slug = self.label.replace("'", "p").replace("*", "star").replace(":", "-")
     lr = f"-lr{self.lr:g}" if self.lr else ""
     return f"{slug}-{self.width}{lr}-s{self.seed}"
+
+  @property
+  def data_seed(self) -> int:
+    """cfg.seed: SEED_OFFSET + seed; C1 continues from A0 seed s's weights, so it draws its own
+    order (C1_SEED_OFFSET + s) instead of replaying the batches its starting point saw."""
+    return (C1_SEED_OFFSET if self.method == "c1" else SEED_OFFSET) + self.seed
 
   @property
   def core(self) -> float:
@@ -144,7 +151,7 @@ def arm_configdict(s: dict, arm: Arm, base_dir: str, base_model: ModelConfig, st
                    lr: float, teacher_dir: str = "") -> ml_collections.ConfigDict:
   """The arm as a normal training config: python_docs, bytes, 4 workers x batch x context."""
   c = config_lib.default_config()
-  c.seed = SEED_OFFSET + arm.seed
+  c.seed = arm.data_seed
   c.steps = steps
   heads = base_model.n_head[0]
   c.model.update(n_layer=base_model.n_layer, n_embd=base_model.n_embd, n_head=heads,

@@ -352,9 +352,8 @@ def markdown(sm: dict) -> str:
   lines += ["", "## Screening (one seed each, paired with B0 seed 0)", ""]
   bs = sm["bstar"]
   if bs:
-    lines += [f"Rule: {bs['rule']}. Bound: {_fmt(bs['bound'])}. B* = B0 + "
-              f"{', '.join(bs['winners']) or 'nothing (no lever passed: B* is B0, no extra runs)'}.",
-              ""]
+    won = ", ".join(bs["winners"]) or "nothing (no lever passed: B* is B0, no extra runs)"
+    lines += [f"Rule: {bs['rule']}. Bound: {_fmt(bs['bound'])}. B* = B0 + {won}.", ""]
   lines += ["| lever | what | kappa=0.5 random subnets | core + random | full | passes |",
             "|---|---|---|---|---|---|"]
   for r in sm["screening"]:
