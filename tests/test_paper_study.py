@@ -5,7 +5,6 @@ study end to end."""
 import json
 import math
 import os
-import shutil
 
 import jax
 import numpy as np
@@ -269,8 +268,10 @@ def test_cli_refuses_missing_bases(tmp_path, capsys):
   out = tmp_path / "paper"
   assert paper.main(["--out", str(out)]) == 2  # the full study needs --bases
   assert paper.main(["--out", str(out), "--bases", str(tmp_path / "none")]) == 2
-  make_standin_bases(str(tmp_path / "partial"))
-  shutil.rmtree(tmp_path / "partial" / "narrow_half")
+  for shape in ("full", "half", "narrow_full"):  # what is_deployed looks for; no narrow_half
+    folder = tmp_path / "partial" / shape
+    (folder / deploy.PARAMS_DIR).mkdir(parents=True)
+    (folder / deploy.MODEL_FILE).write_text("{}")
   assert paper.main(["--out", str(out), "--bases", str(tmp_path / "partial")]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 3 and all(line.startswith("error: --bases") for line in err)
