@@ -96,3 +96,13 @@ def load_run(workdir: str):
     cfg = config_lib.from_dict(json.load(f))
   params, meta = latest_params(workdir)
   return cfg, ModelConfig.from_dict(meta["model"]), params
+
+
+def params_at(workdir: str, step: int):
+  """Params of a run's checkpoint at `step` (a study evaluating a run along its way)."""
+  path = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  mngr = ocp.CheckpointManager(path)
+  if step not in mngr.all_steps():
+    raise DataError(f"no checkpoint at step {step} in {path!r} (have {sorted(mngr.all_steps())})")
+  out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  return out.state["params"]
