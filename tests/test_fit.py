@@ -100,10 +100,11 @@ def test_round_with_microbatches_equals_round_on_whole_batches(variant, devices,
   whole, loss = one_round(make_ctx(variant, devices, 0, **levers), variant, params)
   for micro in (1, 2):  # k = 4 and k = 2 microbatches of each worker's batch of 4
     acc, loss_k = one_round(make_ctx(variant, devices, micro, **levers), variant, params)
-    np.testing.assert_allclose(loss_k, loss, rtol=0, atol=rounding_tol(loss, B * L))
+    n = W * B * L  # the longest sum: DDP's gradient is a mean over all workers' tokens
+    np.testing.assert_allclose(loss_k, loss, rtol=0, atol=rounding_tol(loss, n))
     for p, a, b in zip(*map(jax.tree.leaves, (params, acc, whole))):
       # One rounding of the parameter, plus n eps of the update (R steps of -lr * gradient).
-      tol = 2 * EPS * float(np.max(np.abs(b))) + rounding_tol(b - p, B * L)
+      tol = 2 * EPS * float(np.max(np.abs(b))) + rounding_tol(b - p, n)
       np.testing.assert_allclose(a, b, rtol=0, atol=tol)
   moved = max(float(np.max(np.abs(b - p))) for p, b in zip(*map(jax.tree.leaves,
                                                                  (params, whole))))
@@ -201,7 +202,8 @@ def test_evaluation_never_holds_a_batch_of_full_logits():
   params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
   wins = jax.ShapeDtypeStruct((4, 513), jnp.int32)
   temp = evaluate.metrics._window_nll_sum.lower(params, cfg, wins).compile().memory_analysis()
-  assert temp.temp_size_in_bytes < 4 * 512 * cfg.vocab_size * 4 / 2  # half one (B, L, V) f32
+  # Full logits need at least one float32 (B, L, V) buffer; chunks of 128 positions need 1/4.
+  assert temp.temp_size_in_bytes < 4 * 512 * cfg.vocab_size * 4
 
 
 # ------------------------------------------------------------------------------ config
@@ -249,6 +251,6 @@ def _gpt2_config(name, arg):
 def test_paper_scale_configs_set_the_memory_defaults(name, arg):
   """The settings results/bench/memory_gpt2.json shows fit in 60 GB per device."""
   cfg = _gpt2_config(name, arg)
-  assert not cfg.model.remat and cfg.data.microbatch == 4 and cfg.data.batch_size == 16
-  smoke = _gpt2_config(name, "smoke")  # validated: the smoke batch of 4 is one microbatch
-  assert smoke.data.batch_size == smoke.data.microbatch == 4
+  assert not cfg.model.remat and cfg.data.microbatch == 2 and cfg.data.batch_size == 16
+  smoke = _gpt2_config(name, "smoke")  # validated: the smoke batch of 4 is 2 microbatches
+  assert (smoke.data.batch_size, smoke.data.microbatch) == (4, 2)
