@@ -146,7 +146,7 @@ def one_case(path: str, arg: str, setting: str, n: int, vocab: int) -> dict:
 
   cfg = load_config(path, None if arg == "none" else arg)
   if setting == "before":
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, remat=False),
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, remat="none"),
                               data=dataclasses.replace(cfg.data, microbatch=0))
   name = os.path.basename(path) + ("" if arg == "none" else f":{arg}")
   return {"config": name, "setting": setting, "visible_devices": n,
@@ -169,7 +169,7 @@ def main():
   p.add_argument("--args", default="none,hf", help="config arguments ('none' = no argument)")
   p.add_argument("--devices", default="1,8", help="visible device counts to compile for")
   p.add_argument("--before", nargs="*", default=[],
-                 help="configs also compiled with model.remat=False, data.microbatch=0")
+                 help="configs also compiled with model.remat=none, data.microbatch=0")
   p.add_argument("--vocab", type=int, default=50257, help="the tokenizer's vocabulary size")
   p.add_argument("--no-eval", dest="eval", action="store_false")
   p.add_argument("--jobs", type=int, default=4, help="cases compiled at once (processes)")

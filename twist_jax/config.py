@@ -39,9 +39,10 @@ def default_config() -> ml_collections.ConfigDict:
   m.context = 128  # L: training window and model positions
   m.dtype = "float32"  # compute dtype (float32 | bfloat16); params are float32
   m.attention = "xla"  # xla | cudnn (GPU flash attention) | auto
-  # Activation checkpointing per block (memory for recompute): False/'none' keeps everything,
-  # True/'block' only each block's input, 'dots' its weight matmuls' outputs (model.py).
-  m.remat = False
+  # Activation checkpointing per block (memory for recompute): none keeps everything, block
+  # only each block's input, dots its weight matmuls' outputs (model.py; old runs' True/False
+  # mean block/none).
+  m.remat = "none"
 
   c.subnet = s = ml_collections.ConfigDict()
   s.mode = "attn"  # attn | mlp | attn_mlp | blocks (docs/method.md §2)
