@@ -65,8 +65,8 @@ def test_accumulation_runs_microbatches_one_after_another():
   loss_fn = lambda p, b, masks: lm_loss(p, MODEL, b, masks)
   scans = lambda fn: [e.params["length"] for e in jax.make_jaxpr(fn)(params, batch, None).eqns
                       if e.primitive.name == "scan"]
-  # The whole batch's step has only the loss's scan over position chunks (one chunk here).
-  assert scans(jax.value_and_grad(loss_fn)) == [1]
+  # The whole batch's step has only the loss's scans over position chunks (one chunk here).
+  assert set(scans(jax.value_and_grad(loss_fn))) == {1}
   assert scans(worker.accumulated_value_and_grad(loss_fn, 1)) == [B]
 
 
