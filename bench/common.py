@@ -10,6 +10,7 @@ import time
 import jax
 
 from twist_jax import config as config_lib
+from twist_jax.model import remat_name
 
 # (n_layer, n_head, n_embd, vocab)
 PRESETS = {
@@ -27,12 +28,12 @@ PEAK_FLOPS = {"NVIDIA H200": 989e12, "NVIDIA H100 80GB HBM3": 989e12,
 
 def base_config(preset: str, *, context: int, batch: int, dtype: str, attention: str,
                 variant: str, workers: int, local_steps: int, kappa: float = 0.5,
-                mode: str = "attn_mlp", opt_state: str = "slice", remat: bool = False):
+                mode: str = "attn_mlp", opt_state: str = "slice", remat: bool | str = "none"):
   n_layer, n_head, n_embd, vocab = PRESETS[preset]
   c = config_lib.default_config()
   c.model.update(n_layer=n_layer, n_head=n_head, n_embd=n_embd, context=context, dtype=dtype,
                  attention=attention)
-  c.model.remat = remat
+  c.model.remat = remat_name(remat)  # a policy name; booleans as the older flag meant them
   c.twist.update(variant=variant, workers=workers, local_steps=local_steps, opt_state=opt_state)
   c.subnet.update(mode=mode, kappa=kappa)
   c.data.batch_size = batch

@@ -14,7 +14,7 @@ import ml_collections
 
 from twist_jax import subnets
 from twist_jax.errors import ConfigError
-from twist_jax.model import ATTENTION_IMPLS, DTYPES, ModelConfig
+from twist_jax.model import ATTENTION_IMPLS, DTYPES, REMAT_POLICIES, ModelConfig
 from twist_jax.config_types import (CkptConfig, Config, DataConfig, EvalConfig, InitConfig,
                                     LogConfig, ModelSpec, OptConfig, TwistConfig, differing_fields,
                                     from_dict, to_dict)
@@ -44,7 +44,10 @@ def default_config() -> ml_collections.ConfigDict:
   m.context = 128  # L: training window and model positions
   m.dtype = "float32"  # compute dtype (float32 | bfloat16); params are float32
   m.attention = "xla"  # xla | cudnn (GPU flash attention) | auto
-  m.remat = False  # checkpoint each block's activations (memory for compute)
+  # Activation checkpointing per block (memory for recompute): none keeps everything, block
+  # only each block's input, dots its weight matmuls' outputs (model.py; old runs' True/False
+  # mean block/none).
+  m.remat = "none"
 
   c.subnet = s = ml_collections.ConfigDict()
   s.mode = "attn"  # attn | mlp | attn_mlp | blocks (docs/method.md §2)
@@ -95,6 +98,9 @@ def default_config() -> ml_collections.ConfigDict:
   d.text_feature = "text"  # tfds catalog datasets
   d.max_train_bytes = 0  # 0 = whole training split
   d.batch_size = 8  # per worker per step
+  # Rows per sequential microbatch of a worker's step (gradient accumulation, one update per
+  # step, same update as the whole batch); must divide batch_size; 0 = the whole batch at once.
+  d.microbatch = 0
 
   c.eval = e = ml_collections.ConfigDict()
   e.every = 150  # steps between validations (at the end of the round that crosses it)
@@ -186,6 +192,10 @@ def from_configdict(c: ml_collections.ConfigDict) -> Config:
     raise ConfigError("model.n_head", f"n_embd={m.n_embd} must be divisible by n_head={m.n_head}")
   _choice("model.dtype", m.dtype, DTYPES)
   _choice("model.attention", m.attention, ATTENTION_IMPLS)
+  if not isinstance(m.remat, bool) and not (isinstance(m.remat, str) and
+                                            m.remat in REMAT_POLICIES):
+    raise ConfigError("model.remat", f"got {m.remat!r}; allowed: {', '.join(REMAT_POLICIES)} "
+                      "(or False / True = none / block)")
 
   s = c.subnet
   _choice("subnet.mode", s.mode, MODES)
@@ -223,6 +233,10 @@ def from_configdict(c: ml_collections.ConfigDict) -> Config:
 
   d = _section(DataConfig, c.data, "data")
   _int("data.batch_size", d.batch_size)
+  _int("data.microbatch", d.microbatch, allow_zero=True)
+  if d.microbatch and d.batch_size % d.microbatch:
+    raise ConfigError("data.microbatch", f"got {d.microbatch}; must divide data.batch_size="
+                      f"{d.batch_size} (or 0: the whole batch at once)")
   if not 0 < d.val_fraction < 1:
     raise ConfigError("data.val_fraction", f"got {d.val_fraction!r}; must be in (0, 1)")
   _int("data.max_train_bytes", d.max_train_bytes, allow_zero=True)

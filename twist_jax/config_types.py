@@ -57,6 +57,7 @@ class DataConfig:
   max_train_bytes: int
   batch_size: int
   gpt2_bpe_dir: str = ""  # defaulted: config.json files written before it existed still load
+  microbatch: int = 0  # rows per gradient-accumulation microbatch; 0 = the whole batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +101,7 @@ class ModelSpec:
   dtype: str
   attention: str
   head_dim: int = 0
-  remat: bool = False
+  remat: bool | str = False  # a model.REMAT_POLICIES name, or False / True (none / block)
 
   def model_config(self, vocab_size: int) -> ModelConfig:
     return ModelConfig.uniform(n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd,

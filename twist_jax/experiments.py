@@ -14,6 +14,9 @@ def gpt2_124m(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.C
   c.model.update(n_layer=12, n_head=12, n_embd=768, context=1024, dtype="bfloat16",
                  attention="auto")
   c.data.update(name="wikitext103", tokenizer="gpt2", batch_size=16)
+  # Each worker's 16 x 1024 tokens as 8 sequential microbatches of 2 (same update, no
+  # recompute), so 4 workers fit in 60 GB on one device (results/bench/memory_gpt2.json).
+  c.data.microbatch = 2
   c.steps = 30_000
   c.opt.update(lr=6e-4, warmup_steps=1000, weight_decay=0.1)
   c.eval.update(every=1500, max_windows=0, batch_size=16)

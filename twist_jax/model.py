@@ -19,6 +19,16 @@ import jax.numpy as jnp
 
 ATTENTION_IMPLS = ("xla", "cudnn", "auto")
 DTYPES = ("float32", "bfloat16")
+# Activation checkpointing of each block (`ModelConfig.remat`): what the backward pass keeps
+# from the forward pass; everything else in the block is recomputed. None = no checkpoint.
+# False / True are the older boolean form ("none" / "block").
+REMAT_POLICIES = {
+    "none": None,
+    "block": jax.checkpoint_policies.nothing_saveable,  # only each block's input
+    # The outputs of the weight matmuls (c_attn, c_proj, c_fc): recomputes the attention core,
+    # GELU and LayerNorms, which are cheap next to the matmuls (no second pass through them).
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,11 +47,16 @@ class ModelConfig:
   dtype: str = "float32"  # compute dtype; params stay float32
   attention: str = "xla"  # xla | cudnn | auto (jax.nn.dot_product_attention implementation)
   layer_norm_epsilon: float = 1e-5
-  remat: bool = False  # checkpoint each block's activations: memory for recompute
+  remat: bool | str = False  # a REMAT_POLICIES name (or False / True = none / block)
 
   @property
   def n_layer(self) -> int:
     return len(self.n_head)
+
+  @property
+  def remat_policy(self) -> str:
+    """`remat` as a REMAT_POLICIES name."""
+    return remat_name(self.remat)
 
   @classmethod
   def uniform(cls, *, n_layer: int, n_head: int, n_embd: int, n_inner: int | None = None,
@@ -76,6 +91,15 @@ class ModelConfig:
       total += d * 3 * hk + 3 * hk + hk * d + d  # attention
       total += d * f + f + f * d + d  # mlp
     return total
+
+
+def remat_name(value) -> str:
+  """A remat setting (a REMAT_POLICIES name, or the boolean form) as its name."""
+  if isinstance(value, bool):
+    return "block" if value else "none"
+  if value not in REMAT_POLICIES:
+    raise ValueError(f"remat={value!r}; allowed: {', '.join(REMAT_POLICIES)}, False, True")
+  return value
 
 
 def _init(std):
@@ -195,7 +219,10 @@ class GPT2(nn.Module):
                    name="wpe")
     pos_L = jnp.arange(tokens_BxL.shape[1])
     x_BxLxD = (wte(tokens_BxL) + wpe(pos_L)[None]).astype(dtype)
-    block = nn.remat(Block) if cfg.remat else Block  # same param names either way
+    policy = cfg.remat_policy
+    # Same param names either way; the policy decides what the backward pass recomputes.
+    block = (Block if policy == "none" else
+             nn.remat(Block, policy=REMAT_POLICIES[policy]))
     for i in range(cfg.n_layer):
       pick = lambda key: masks[key][i] if key in masks else None
       x_BxLxD = block(cfg, i, name=f"h_{i}")(x_BxLxD, pick("head"), pick("unit"), pick("block"))
@@ -239,7 +266,7 @@ def _chunk(x_BxL, c: int):
 
 
 def _chunked_sums(fn, c: int, *xs_BxL):
-  """Sum over chunks of fn(*chunks, valid_BxC) (a tuple of scalars). Each chunk is rematerialised
+  """Sum over chunks of fn(*chunks, valid_BxC) (a tuple of arrays). Each chunk is rematerialised
   in the backward pass, so only one chunk's logits are alive at a time there too."""
   valid_BxL = jnp.ones(xs_BxL[0].shape[:2], jnp.float32)  # 0 on the padding
   chunks = tuple(_chunk(x, c) for x in xs_BxL + (valid_BxL,))
@@ -250,17 +277,22 @@ def _chunked_sums(fn, c: int, *xs_BxL):
   return jax.lax.scan(body, init, chunks)[0]
 
 
-def lm_loss(params, cfg: ModelConfig, windows_BxLp1, masks=None, chunk: int = LOSS_CHUNK):
-  """Mean next-token NLL of windows of L+1 tokens (inputs are the first L), computed `chunk`
-  positions at a time."""
+def lm_nll_sums(params, cfg: ModelConfig, windows_BxLp1, masks=None, chunk: int = LOSS_CHUNK):
+  """(B,) summed next-token NLL of each window of L+1 tokens (inputs are the first L), the
+  logits computed `chunk` positions at a time (training loss and evaluation alike)."""
   hidden_BxLxD = GPT2(cfg).apply({"params": params}, windows_BxLp1[:, :-1], masks,
                                  return_hidden=True)
 
-  def nll_sum(h_BxCxD, targets_BxC, valid_BxC):
-    return (jnp.sum(next_token_nll(lm_head(params, cfg, h_BxCxD), targets_BxC) * valid_BxC),)
+  def nll_sums(h_BxCxD, targets_BxC, valid_BxC):
+    nll_BxC = next_token_nll(lm_head(params, cfg, h_BxCxD), targets_BxC)
+    return (jnp.sum(nll_BxC * valid_BxC, axis=1),)
 
-  targets_BxL = windows_BxLp1[:, 1:]
-  return _chunked_sums(nll_sum, chunk, hidden_BxLxD, targets_BxL)[0] / targets_BxL.size
+  return _chunked_sums(nll_sums, chunk, hidden_BxLxD, windows_BxLp1[:, 1:])[0]
+
+
+def lm_loss(params, cfg: ModelConfig, windows_BxLp1, masks=None, chunk: int = LOSS_CHUNK):
+  """Mean next-token NLL of windows of L+1 tokens, computed `chunk` positions at a time."""
+  return jnp.sum(lm_nll_sums(params, cfg, windows_BxLp1, masks, chunk)) / windows_BxLp1[:, 1:].size
 
 
 def distill_loss(student_params, student_cfg: ModelConfig, teacher_params,

@@ -89,7 +89,19 @@ def _model_config(cfg: config_lib.Config, vocab_size: int):
   if model.vocab_size != vocab_size:
     raise ConfigError("data.tokenizer", f"the tokenizer has {vocab_size} ids but the Hugging Face "
                       f"model has {model.vocab_size}; use data.tokenizer=gpt2")
-  return model.replace(dtype=cfg.model.dtype, attention=cfg.model.attention), params
+  return model.replace(dtype=cfg.model.dtype, attention=cfg.model.attention,
+                       remat=cfg.model.remat), params
+
+
+def round_context(cfg: config_lib.Config, model: ModelConfig, spec, mesh,
+                  teacher=None) -> variants.RoundContext:
+  """What every round of `cfg` is built from (benchmarks compile the same rounds from it)."""
+  tw = cfg.twist
+  return variants.RoundContext(
+      model, spec, worker.make_optimizer(cfg.opt),
+      lambda t: config_lib.lr_at(cfg.opt, cfg.steps, t), mesh, tw.opt_state,
+      aggregate.outer_optimizer(tw.outer_lr, tw.outer_momentum), tw.full_workers if spec else 0,
+      tw.distill, tw.distill_temperature, teacher, cfg.data.microbatch)
 
 
 def build(cfg: config_lib.Config, workdir: str) -> Run:
@@ -105,14 +117,8 @@ def build(cfg: config_lib.Config, workdir: str) -> Run:
   spec = None
   if cfg.twist.variant != "ddp":
     spec = subnets.make_spec(model, cfg.subnet, cfg.twist.workers)
-  mesh = parallel.make_mesh(n_dev)
-  tx = worker.make_optimizer(cfg.opt)
-  lr_fn = lambda t: config_lib.lr_at(cfg.opt, cfg.steps, t)
-  outer = aggregate.outer_optimizer(cfg.twist.outer_lr, cfg.twist.outer_momentum)
+  ctx = round_context(cfg, model, spec, parallel.make_mesh(n_dev), _teacher(cfg, model))
   tw = cfg.twist
-  ctx = variants.RoundContext(model, spec, tx, lr_fn, mesh, tw.opt_state, outer,
-                              tw.full_workers if spec else 0, tw.distill, tw.distill_temperature,
-                              _teacher(cfg, model))
   if spec is not None and tw.variant != "hybrid":
     variants.full_workers_per_device(ctx)  # refuse an uneven split now, before any writing
   # Fail now (exit 2, nothing written) if the data cannot feed one step.
@@ -132,7 +138,8 @@ SCHEDULE_FIELDS = ("steps", "opt.lr", "opt.warmup_steps", "opt.min_lr_ratio")
 # files; none of them changes what is trained.
 RESUME_FREE = frozenset({"log.progress", "eval.every", "ckpt.every", "ckpt.keep", "log.every",
                          "data.gpt2_bpe_dir", "eval.golden_kappas", "eval.golden_samples",
-                         "ckpt.allow_schedule_change", "deterministic"})
+                         "ckpt.allow_schedule_change", "deterministic",
+                         "data.microbatch", "model.remat"})  # memory only: the same updates
 SCHEDULE_EVENT = "schedule_change"  # metrics.jsonl event of a resume with other SCHEDULE_FIELDS
 
 

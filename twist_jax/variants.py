@@ -41,6 +41,7 @@ class RoundContext:
   distill_temperature: float = 1.0
   # ddp only: (params, ModelConfig) of a fixed teacher every worker distills from (with distill)
   teacher: tuple | None = None
+  microbatch: int = 0  # rows per sequential microbatch of a worker's step (0 = whole batch)
 
 
 def init_state(ctx: RoundContext, params):
@@ -76,7 +77,7 @@ def _full_worker(ctx: RoundContext):
   def worker(params, opt_state, batches_RxBxLp1, step0):
     state = opt_state if ctx.opt_state == "slice" else ctx.tx.init(params)
     new, new_state, losses_R = local_steps(loss_fn, ctx.tx, ctx.lr_fn, params, state,
-                                           batches_RxBxLp1, step0)
+                                           batches_RxBxLp1, step0, microbatch=ctx.microbatch)
     opt_change = aggregate.changes(new_state, state) if ctx.opt_state == "slice" else ()
     return aggregate.changes(new, params), opt_change, losses_R
   return worker
@@ -94,7 +95,7 @@ def _true_worker(ctx: RoundContext):
     else:
       state = ctx.tx.init(small)
     new, new_state, losses_R = local_steps(loss_fn, ctx.tx, ctx.lr_fn, small, state,
-                                           batches_RxBxLp1, step0)
+                                           batches_RxBxLp1, step0, microbatch=ctx.microbatch)
     opt_change = aggregate.changes(new_state, state) if ctx.opt_state == "slice" else ()
     return aggregate.changes(new, small), opt_change, losses_R
   return worker
@@ -112,7 +113,8 @@ def _masked_worker(ctx: RoundContext):
     hold = aggregate.leaf_counts(aggregate.unit_counts(one, spec), spec, params, 1)
     state = opt_state if ctx.opt_state == "slice" else ctx.tx.init(params)
     new, new_state, losses_R = local_steps(loss_fn, ctx.tx, ctx.lr_fn, params, state,
-                                           batches_RxBxLp1, step0, masks, hold)
+                                           batches_RxBxLp1, step0, masks, hold,
+                                           microbatch=ctx.microbatch)
     opt_change = aggregate.changes(new_state, state) if ctx.opt_state == "slice" else ()
     return aggregate.changes(new, params), opt_change, losses_R
   return worker
@@ -229,7 +231,7 @@ def _ddp_body(ctx: RoundContext):
     grad_mean = lambda g: jax.lax.pmean(g, parallel.AXIS)
     params, opt_state, losses_R = local_steps(
         loss_fn, ctx.tx, ctx.lr_fn, params, opt_state, jnp.swapaxes(batches_wxRxBxLp1, 0, 1),
-        step0, grad_reduce=grad_mean)
+        step0, grad_reduce=grad_mean, microbatch=ctx.microbatch, batch_axis=1)  # (w, B, L+1)
     return params, opt_state, losses_R[None]
 
   run = jax.shard_map(device_fn, mesh=ctx.mesh, in_specs=(P(), P(), P(parallel.AXIS), P()),

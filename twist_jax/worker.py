@@ -1,5 +1,7 @@
 """One worker's R local optimizer steps, as a `lax.scan`; plus the optimizer itself.
 
+A step's gradient may be accumulated over sequential microbatches (`microbatch`): the same
+update as the whole batch, with one microbatch's activations alive at a time.
 The learning rate is a function of the *global* step passed in, so resetting the optimizer
 state between rounds (`twist.opt_state = reset`) never restarts the schedule.
 """
@@ -40,18 +42,50 @@ def freeze(new_tree, old_tree, hold):
   return jax.tree.map(lambda n, o, h: jnp.where(h > 0, n, o), new_tree, old_tree, hold)
 
 
+def accumulated_value_and_grad(loss_fn: Callable, microbatch: int = 0, batch_axis: int = 0):
+  """`jax.value_and_grad(loss_fn)` over sequential microbatches of `microbatch` rows of the
+  batch axis (0 = the whole batch at once): the mean of their losses and gradients.
+
+  Equal to the whole batch's value and gradient when `loss_fn` is a mean over that axis (the
+  microbatches are equal-sized); a `lax.scan` keeps one microbatch's activations alive at a time.
+  """
+  grad_fn = jax.value_and_grad(loss_fn)
+  if not microbatch:
+    return grad_fn
+
+  def fn(p, batch, *args):
+    b = batch.shape[batch_axis]
+    if b % microbatch:
+      raise ValueError(f"microbatch {microbatch} does not divide the batch of {b}")
+    k = b // microbatch
+    if k == 1:
+      return grad_fn(p, batch, *args)
+    shape = batch.shape[:batch_axis] + (k, microbatch) + batch.shape[batch_axis + 1:]
+    micro_kx = jnp.moveaxis(batch.reshape(shape), batch_axis, 0)
+    add = lambda acc, mb: (jax.tree.map(jnp.add, acc, grad_fn(p, mb, *args)), None)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                         jax.eval_shape(grad_fn, p, micro_kx[0], *args))
+    total = jax.lax.scan(add, zeros, micro_kx)[0]
+    return jax.tree.map(lambda x: x / k, total)
+  return fn
+
+
 def local_steps(loss_fn: Callable, tx: optax.GradientTransformation, lr_fn: Callable,
                 params, opt_state, batches_RxBxLp1, step0, masks=None, hold=None,
-                grad_reduce: Callable = lambda g: g):
+                grad_reduce: Callable = lambda g: g, microbatch: int = 0, batch_axis: int = 0):
   """R steps of `loss_fn(params, batch, masks)`; returns (params, opt_state, losses (R,)).
 
   `hold` (params-shaped 0/1) freezes the unheld entries of params and optimizer moments, so
   weight decay and Adam momentum cannot move units the worker does not own. `grad_reduce`
   combines gradients across workers before the update (DDP: a mean over the mesh).
+  `microbatch` > 0 accumulates each step's gradient over microbatches of that many rows of
+  the batch's `batch_axis` (`accumulated_value_and_grad`), then makes one update.
   """
+  value_and_grad = accumulated_value_and_grad(loss_fn, microbatch, batch_axis)
+
   def step(carry, batch):
     p, s, t = carry
-    loss, grads = jax.value_and_grad(loss_fn)(p, batch, masks)
+    loss, grads = value_and_grad(p, batch, masks)
     grads = grad_reduce(grads)
     updates, s_new = tx.update(grads, s, p)
     lr = lr_fn(t)

@@ -3,7 +3,8 @@ summary of a loss distribution (docs/method.md §7).
 
 Perplexity = exp(mean token NLL) over non-overlapping windows of context + 1 tokens. Many subnets
 of one ratio share one compiled function: index values are data (vmapped), only the sizes (the
-spec) are static.
+spec) are static. Losses use the training's chunked cross-entropy (`model.lm_nll_sums`), so the
+float32 logits of a whole batch over the vocabulary never exist at once.
 
 Dimension alphabet: S subnets, B batch (windows), L length, M all windows.
 """
@@ -16,15 +17,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from twist_jax import subnets
-from twist_jax.model import GPT2, ModelConfig, next_token_nll
+from twist_jax.model import ModelConfig, lm_nll_sums
 
 # ---- perplexity of one model ---------------------------------------------------------------------
 
 
 @functools.partial(jax.jit, static_argnums=(1,))
 def _window_nll_sum(params, cfg: ModelConfig, windows_BxLp1, masks=None):
-  logits = GPT2(cfg).apply({"params": params}, windows_BxLp1[:, :-1], masks)
-  return next_token_nll(logits, windows_BxLp1[:, 1:]).sum()
+  return jnp.sum(lm_nll_sums(params, cfg, windows_BxLp1, masks))
 
 
 def mean_nll(params, cfg: ModelConfig, windows_MxLp1: np.ndarray, batch_size: int = 32,
@@ -82,8 +82,7 @@ def _subnets_nll_sums(params, cfg: ModelConfig, spec: subnets.SubnetSpec, subnet
   def one(subnet):
     # The deployed model itself: sliced weights, correction folded into the scales.
     small = subnets.extract_subnet(params, subnet, spec)
-    logits = GPT2(small_cfg).apply({"params": small}, windows_BxLp1[:, :-1])
-    return jnp.dot(next_token_nll(logits, windows_BxLp1[:, 1:]).sum(axis=1), weight_B)
+    return jnp.dot(lm_nll_sums(small, small_cfg, windows_BxLp1), weight_B)
 
   return jax.vmap(one)(subnets_S)
 
