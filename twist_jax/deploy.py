@@ -270,13 +270,14 @@ def _check_args(args):
 
 
 def _windows(dataset, context: int):
-  """(report, select): the first REPORT_WINDOWS validation windows and the next SELECT_WINDOWS
-  (best_of_k selects on those; on a tiny split they fall back to the report windows)."""
-  all_MxLp1 = dataset.validation_windows(context=context,
-                                         max_windows=REPORT_WINDOWS + SELECT_WINDOWS)
-  report = all_MxLp1[:REPORT_WINDOWS]
-  select = all_MxLp1[REPORT_WINDOWS:]
-  return report, (select if len(select) else report)
+  """(report, select): REPORT_WINDOWS validation windows spread over the split (the windows
+  every evaluation of that many uses) and up to SELECT_WINDOWS other spread windows that
+  best_of_k selects on (on a tiny split, the report windows again)."""
+  report = dataset.validation_windows(context=context, max_windows=REPORT_WINDOWS)
+  pool = dataset.validation_windows(context=context, max_windows=REPORT_WINDOWS + SELECT_WINDOWS)
+  taken = {w.tobytes() for w in report}
+  select = [w for w in pool if w.tobytes() not in taken][:SELECT_WINDOWS]
+  return report, (np.stack(select) if select else report)
 
 
 def _source_step(workdir: str) -> int | None:
