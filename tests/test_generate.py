@@ -22,7 +22,7 @@ from twist_jax import config, decoding, deploy, generate, model, subnets
 from twist_jax.errors import UserError
 from twist_jax.model import GPT2, ModelConfig
 
-from helpers import exit_code, random_params
+from helpers import exit_code, have_transformers, random_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = ModelConfig.uniform(n_layer=2, n_head=4, n_embd=32, vocab_size=256, n_positions=8)
@@ -259,7 +259,7 @@ def test_bf16_greedy_equals_float32_on_a_confident_model():
   np.testing.assert_array_equal(out16, out)
 
 
-HAVE_TRANSFORMERS = all(importlib.util.find_spec(m) for m in ("torch", "transformers"))
+HAVE_TRANSFORMERS = have_transformers()  # CI (TWIST_REQUIRE_TRANSFORMERS): never skipped
 
 
 @pytest.mark.skipif(not HAVE_TRANSFORMERS, reason="needs torch + transformers (the hf extra)")

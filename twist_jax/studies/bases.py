@@ -156,7 +156,9 @@ def regime(records: dict) -> list[dict]:
 def report_markdown(info: dict) -> str:
   lines = ["# Pretrained bases (python_source, dense DDP)", "",
            f"Made by `{info['command']}`; losses in nats/byte on all "
-           f"{info['val_windows']} windows of 129 bytes of the python_source validation split.", "",
+           f"{info['val_windows']} windows of 129 bytes of the python_source validation split. "
+           "Wall and CPU seconds are as measured, with each segment's load average in "
+           "logs/SHAPE/timing.jsonl: not idle-machine figures unless that load says so.", "",
            "| base | model (D, heads x head dim, MLP) | params | steps | tokens | tokens/param "
            "| epochs | wall s | CPU s | val loss |", "|---|---|---|---|---|---|---|---|---|---|"]
   for r in info["bases"].values():
