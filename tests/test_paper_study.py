@@ -326,3 +326,24 @@ def test_quick_study_end_to_end(tmp_path, capsys, monkeypatch):
   paper.run(out, bases, quick=True)  # a rerun trains nothing
   log = capsys.readouterr().out
   assert log.count("done earlier, skipped") == len(names)
+  # A run folder written under an older spelling of the config (model.remat False, now "none")
+  # and another hash is the same run: reused, not retrained in a new folder.
+  os.remove(os.path.join(out, "arms", "A0-wide-s0.json"))
+  runs = os.path.join(out, "runs")
+  old = recs["A0-wide-s0"]["run"]
+  renamed = old.rsplit("-", 1)[0] + "-0ld5pe11"
+  os.rename(os.path.join(runs, old), os.path.join(runs, renamed))
+  cfg_path = os.path.join(runs, renamed, "config.json")
+  with open(cfg_path, encoding="utf-8") as f:
+    written = json.load(f)
+  written["model"]["remat"] = False
+  with open(cfg_path, "w", encoding="utf-8") as f:
+    json.dump(written, f)
+  prefix = renamed.rsplit("-", 1)[0]
+  same_kind = lambda: sorted(n for n in os.listdir(runs) if n.startswith(prefix))
+  before = same_kind()
+  paper.run(out, bases, quick=True)
+  assert same_kind() == before  # (C1, whose teacher folder moved, trains anew: not counted)
+  with open(os.path.join(out, "arms", "A0-wide-s0.json"), encoding="utf-8") as f:
+    assert json.load(f)["run"] == renamed
+  assert "already reached step" in capsys.readouterr().out

@@ -166,3 +166,20 @@ def test_a_checkpoint_missing_an_item_is_a_data_error(saved, item):
     checkpoint.restore(checkpoint.manager(str(saved)), FIRST, like)
   with pytest.raises(DataError, match=f"has no {item} folder"):
     checkpoint.latest_params(str(saved))
+
+
+@pytest.mark.parametrize("old,new,differs", [(False, "none", False), (True, "block", False),
+                                             (False, "block", True), (True, "dots", True),
+                                             ("none", "dots", True)])
+def test_an_older_spelling_of_remat_is_the_same_run(old, new, differs):
+  """config.json files written when model.remat was a bool still match their runs: False is
+  "none" and True is "block"; a real change of policy is still a difference."""
+  base = config_lib.to_dict(config_lib.from_configdict(config_lib.default_config()))
+  a = json.loads(json.dumps(base))
+  b = json.loads(json.dumps(base))
+  a["model"]["remat"], b["model"]["remat"] = old, new
+  a["steps"], b["steps"] = 100, 100
+  assert config_lib.differing_fields(a, b) == (["model.remat"] if differs else [])
+  b["steps"] = 200  # other fields are still compared
+  assert config_lib.differing_fields(a, b) == sorted(["steps"] + (["model.remat"] if differs
+                                                                  else []))

@@ -163,10 +163,20 @@ def _flat_json(d: dict) -> dict:
   return traverse_util.flatten_dict(json.loads(json.dumps(d)), sep=".")
 
 
+# Older spellings of a value that mean the same run: compared as their current spelling.
+_SAME_AS = {"model.remat": {False: "none", True: "block"}}
+
+
+def _canonical(key: str, value):
+  alias = _SAME_AS.get(key, {})
+  return alias.get(value, value) if isinstance(value, bool) else value
+
+
 def differing_fields(old: dict, new: dict, ignore=()) -> list[str]:
   """Dotted names of the fields where two config.json dicts differ, sorted. A field one of them
-  lacks (added after it was written) counts as its default value."""
+  lacks (added after it was written) counts as its default value; an older spelling of the same
+  value (model.remat False = "none", True = "block") counts as the same."""
   defaults = _default_fields()
   a, b = _flat_json(old), _flat_json(new)
-  return sorted(k for k in set(a) | set(b)
-                if a.get(k, defaults.get(k)) != b.get(k, defaults.get(k)) and k not in ignore)
+  value = lambda d, k: _canonical(k, d.get(k, defaults.get(k)))
+  return sorted(k for k in set(a) | set(b) if value(a, k) != value(b, k) and k not in ignore)

@@ -9,7 +9,8 @@ OUT/runs/<id> (resumed from its checkpoint if interrupted) plus an evaluation, r
 OUT/arms/<arm>.json (skipped on a rerun when its config matches). After every finished arm the
 report (OUT/paper.{md,json}, plots) is rewritten from the records, so a partial study gives
 partial tables. Order: the learning-rate grid (A0, B0; seed 0, full budget), every other arm at
-its method's best learning rate, B* from the screening, then the pruning references.
+its method's best learning rate (each dense A0/A0' arm followed by its pruning references), then
+B* from the screening.
 """
 
 import dataclasses
@@ -171,6 +172,21 @@ def _measure(st: Study, arm: Arm, cfg, workdir: str) -> tuple[dict, list]:
   return ev, curve
 
 
+def _run_folder(st: Study, arm: Arm, cfg, resolved: dict) -> str:
+  """The arm's run folder under OUT/runs: an existing one whose config.json is the same run
+  (config.differing_fields: fields added since and older spellings count as equal), else a new
+  one named by the config's hash."""
+  rid = arms_lib.run_id(arm, cfg)
+  prefix = rid.rsplit("-", 1)[0] + "-"
+  runs = os.path.join(st.out, "runs")
+  for name in sorted(os.listdir(runs)) if os.path.isdir(runs) else ():
+    saved = _read_json(os.path.join(runs, name, "config.json"))
+    if (name != rid and name.startswith(prefix) and saved is not None
+        and not config_lib.differing_fields(saved, resolved)):
+      return name
+  return rid
+
+
 def run_arm(st: Study, arm: Arm, index: str = "") -> dict:
   """Trains (or resumes, or skips) one arm and evaluates it; returns its record."""
   cfg, teacher = arm_config(st, arm)
@@ -181,7 +197,7 @@ def run_arm(st: Study, arm: Arm, index: str = "") -> dict:
       and not config_lib.differing_fields(saved["config"], resolved)):
     print(f"[paper] {index} {arm.label} ({arm.name}): done earlier, skipped", flush=True)
     return saved
-  rid = arms_lib.run_id(arm, cfg)
+  rid = _run_folder(st, arm, cfg, resolved)
   workdir = os.path.join(st.out, "runs", rid)
   model = cfg.model.model_config(arms_lib.VOCAB)
   bud = arms_lib.budget(cfg, st.train_tokens, model.num_params(), teacher)
@@ -291,7 +307,9 @@ def run(out: str, bases_dir: str | None = None, quick: bool = False) -> dict:
   print(f"[paper] best learning rates: A0 {st.lrs['A0']:g}, B0 {st.lrs['B0']:g}", flush=True)
   main = arms_lib.main_arms(st.s)
   for i, arm in enumerate(main):
-    _go(st, arm, f"{i + 1}/{len(main)}")
+    rec = _go(st, arm, f"{i + 1}/{len(main)}")
+    if rec["label"] in ("A0", "A0'"):  # the headline comparison lands with its dense arm
+      run_references(st, rec)
   b0 = [paper_eval.target_loss(r["eval"]) for r in st.records
         if r["label"] == "B0" and r["width"] == "wide"]
   levers = {r["label"]: paper_eval.target_loss(r["eval"]) for r in st.records
@@ -302,8 +320,6 @@ def run(out: str, bases_dir: str | None = None, quick: bool = False) -> dict:
   extra = arms_lib.bstar_arms(st.s, arms_lib.merge_levers(st.bstar["winners"]))
   for i, arm in enumerate(extra):
     _go(st, arm, f"B* {i + 1}/{len(extra)}")
-  for rec in [r for r in st.records if r["label"] in ("A0", "A0'")]:
-    run_references(st, rec)
   state = report_state(st)
   paper_report.write(out, state)
   print(f"[paper] done in {state['study_s'] / 60:.1f} min: {os.path.join(out, 'paper.md')}",
