@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from twist_jax import config as config_lib, data, deploy
+from twist_jax.errors import UserError
 from twist_jax.model import ModelConfig, init_params
 from twist_jax.studies import paper, paper_arms, paper_eval, paper_report
 from twist_jax.studies.paper_arms import Arm
@@ -347,3 +348,28 @@ def test_quick_study_end_to_end(tmp_path, capsys, monkeypatch):
   with open(os.path.join(out, "arms", "A0-wide-s0.json"), encoding="utf-8") as f:
     assert json.load(f)["run"] == renamed
   assert "already reached step" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_core_rows_train_seed_zero_of_a0_s_b0_with_references(tmp_path):
+  """The notebook's short path: A0 (+ its pruning references), S and B0, seed 0, at the given
+  learning rates and the overridden window count; nothing else runs."""
+  bases = make_standin_bases(str(tmp_path / "bases"))
+  out = str(tmp_path / "core")
+  state = paper.core_rows(out, bases, {"A0": 3e-3, "B0": 1e-3}, quick=True, windows=8,
+                          samples=2)
+  recs = {r["name"]: r for r in state["records"]}
+  assert set(recs) == {"A0-wide-s0", "S-wide-s0", "B0-wide-s0"}
+  assert recs["A0-wide-s0"]["config"]["opt"]["lr"] == pytest.approx(3e-3)
+  assert recs["S-wide-s0"]["config"]["opt"]["lr"] == pytest.approx(3e-3)  # S uses A0's lr
+  assert recs["B0-wide-s0"]["config"]["opt"]["lr"] == pytest.approx(1e-3)
+  assert state["windows"] == 8 and set(state["references"]) == {"A0-wide-s0"}
+  assert len(recs["B0-wide-s0"]["eval"]["random"]["0.5"]["losses"]) == 2
+  assert sorted(os.listdir(os.path.join(out, "arms"))) == sorted(
+      [f"{n}.json" for n in recs] + ["ref-A0-wide-s0.json"])
+
+
+def test_setup_refuses_an_unknown_scale_entry(tmp_path):
+  bases = make_standin_bases(str(tmp_path / "bases"))
+  with pytest.raises(UserError, match="^windowz: not a study scale entry; allowed: .*windows"):
+    paper.setup(str(tmp_path / "out"), bases, True, windowz=8)

@@ -79,8 +79,13 @@ def load_bases(bases_dir: str | None, out: str, quick: bool) -> tuple[str, dict]
   return bases_dir, _read_json(os.path.join(bases_dir, "bases.json")) or {}
 
 
-def setup(out: str, bases_dir: str | None, quick: bool) -> Study:
+def setup(out: str, bases_dir: str | None, quick: bool, **overrides) -> Study:
+  """The study's shared state; `overrides` replace scale() entries (e.g. windows=128)."""
   s = arms_lib.scale(quick)
+  unknown = sorted(set(overrides) - set(s))
+  if unknown:
+    raise UserError(f"{unknown[0]}: not a study scale entry; allowed: {', '.join(sorted(s))}")
+  s.update(overrides)
   bases_dir, info = load_bases(bases_dir, out, quick)
   models = {shape: deploy.load_deployed(os.path.join(bases_dir, shape))[1] for shape in SHAPES}
   spec = config_lib.from_configdict(arms_lib.arm_configdict(
@@ -325,6 +330,26 @@ def run(out: str, bases_dir: str | None = None, quick: bool = False) -> dict:
   print(f"[paper] done in {state['study_s'] / 60:.1f} min: {os.path.join(out, 'paper.md')}",
         flush=True)
   return state
+
+
+# The table's core rows: the dense fine-tune and its pruning, the small model, TwIST.
+CORE_ARMS = (Arm("A0", "ddp"), Arm("S", "ddp", base="half"), Arm("B0", "twist", lr_of="B0"))
+
+
+def core_rows(out: str, bases_dir: str | None, lrs: dict, quick: bool = False,
+              **overrides) -> dict:
+  """Seed 0 of A0 (with its pruning references), S and B0 at learning rates `lrs` ({"A0": ..,
+  "B0": ..}, e.g. the full study's), for a short look at the table (the golden-tickets
+  notebook); `overrides` as in setup(), e.g. fewer windows and samples. Returns the report
+  state; OUT/paper.{md,json} hold the partial table."""
+  st = setup(out, bases_dir, quick, **overrides)
+  os.makedirs(out, exist_ok=True)
+  st.lrs = {"A0": float(lrs["A0"]), "B0": float(lrs["B0"])}
+  for i, arm in enumerate(CORE_ARMS):
+    rec = _go(st, arm, f"{i + 1}/{len(CORE_ARMS)}")
+    if rec["label"] == "A0":
+      run_references(st, rec)
+  return report_state(st)
 
 
 def _main(argv) -> evaluate.Output:

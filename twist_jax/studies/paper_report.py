@@ -258,7 +258,7 @@ def _cell(st: dict | None) -> str:
   return f"{st['mean']:.3f}" + (f" ± {st['std']:.3f}" if st["n"] > 1 else "")
 
 
-def _table_md(table: list[dict]) -> list[str]:
+def table_markdown(table: list[dict]) -> list[str]:
   cols = ("0", "0.25", "0.5", "0.75")
   lines = ["| method | what | structured (deployable as a smaller dense model) | dense | 25% | "
            "50% | 75% |", "|---|---|---|---|---|---|---|"]
@@ -333,7 +333,7 @@ def markdown(sm: dict) -> str:
            f"Learning rates: A0 {sm['lrs'].get('A0', '–')}, B0 {sm['lrs'].get('B0', '–')} "
            "(S, A0', C1 and the narrow arms use A0's; B-SE, screening and B* use B0's).", "",
            "## Regime", ""] + regime_lines(sm)
-  lines += ["", "## PPL by method and sparsity (wide: D = 128)", ""] + _table_md(sm["table"])
+  lines += ["", "## PPL by method and sparsity (wide: D = 128)", ""] + table_markdown(sm["table"])
   lines += ["", "## Targets (issue 18)", ""]
   for label, ts in sm["targets"].items():
     lines += [_target_line(t) for t in ts if t["met"] is not None or label == "B*"]
@@ -348,7 +348,7 @@ def markdown(sm: dict) -> str:
     lines.append(f"\nGap {gap}: " + ("not measured yet" if s is None else
                                      ("shrinks" if s else "does not shrink")
                                      + " from narrow to wide."))
-  lines += ["", "### Narrow (D = 64)", ""] + _table_md(sm["narrow_table"])
+  lines += ["", "### Narrow (D = 64)", ""] + table_markdown(sm["narrow_table"])
   lines += ["", "## Screening (one seed each, paired with B0 seed 0)", ""]
   bs = sm["bstar"]
   if bs:
