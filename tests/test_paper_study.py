@@ -373,3 +373,12 @@ def test_setup_refuses_an_unknown_scale_entry(tmp_path):
   bases = make_standin_bases(str(tmp_path / "bases"))
   with pytest.raises(UserError, match="^windowz: not a study scale entry; allowed: .*windows"):
     paper.setup(str(tmp_path / "out"), bases, True, windowz=8)
+
+
+def test_report_warns_when_a_best_learning_rate_is_at_the_grid_edge():
+  grid = [{"method": m, "lr": lr} for m in ("A0", "B0") for lr in (3e-4, 1e-3, 3e-3)]
+  lines = paper_report.grid_edge_lines(grid, {"A0": 1e-3, "B0": 3e-3})
+  assert lines == ["- B0's best learning rate (0.003) is the grid's largest: a better one may "
+                   "lie outside it (not tried)."]
+  assert "smallest" in paper_report.grid_edge_lines(grid, {"A0": 3e-4, "B0": 1e-3})[0]
+  assert paper_report.grid_edge_lines(grid, {"A0": 1e-3, "B0": 1e-3}) == []

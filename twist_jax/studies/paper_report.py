@@ -226,6 +226,19 @@ def lr_grid(state: dict) -> list[dict]:
   return sorted(out, key=lambda x: (x["method"], x["lr"]))
 
 
+def grid_edge_lines(grid: list[dict], lrs: dict) -> list[str]:
+  """A warning per method whose chosen learning rate is the grid's smallest or largest: the
+  best one may lie outside the grid."""
+  out = []
+  for method, lr in sorted(lrs.items()):
+    tried = sorted(g["lr"] for g in grid if g["method"] == method)
+    if len(tried) > 1 and lr in (tried[0], tried[-1]):
+      side = "largest" if lr == tried[-1] else "smallest"
+      out.append(f"- {method}'s best learning rate ({lr:g}) is the grid's {side}: a better one "
+                 "may lie outside it (not tried).")
+  return out
+
+
 def summarize(state: dict) -> dict:
   return {"command": state["command"], "quick": state["quick"], "windows": state["windows"],
           "protocol": state["protocol"], "samples": state["scale"]["samples"],
@@ -363,6 +376,7 @@ def markdown(sm: dict) -> str:
             "| method | lr | full | kappa=0.5 subnets |", "|---|---|---|---|"]
   lines += [f"| {g['method']} | {g['lr']:g} | {g['full']:.4f} | {_fmt(g['sub'])} |"
             for g in sm["lr_grid"]]
+  lines += [""] + grid_edge_lines(sm["lr_grid"], sm["lrs"])
   lines += ["", "## Budgets (analytic training FLOPs: 6 x active params + attention per token; "
             "a distilling worker adds its teacher's forward)", "",
             "| arm | width | seeds | lr | steps | dense steps | tokens | epochs | tokens/param | "
