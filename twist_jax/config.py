@@ -3,21 +3,25 @@
 
 Experiments (`experiments/*.py`) start from `default_config()` and override fields; the trainer
 converts the result once with `from_configdict`, which checks every field and raises
-`ConfigError` naming the field and what is allowed.
+`ConfigError` naming the field and what is allowed. `differing_fields` compares two runs'
+config.json dicts.
 """
 
 import dataclasses
+import functools
+import json
 import math
 import os
 
 import ml_collections
+from flax import traverse_util
 
 from twist_jax import subnets
 from twist_jax.errors import ConfigError
 from twist_jax.model import ATTENTION_IMPLS, DTYPES, REMAT_POLICIES, ModelConfig
 from twist_jax.config_types import (CkptConfig, Config, DataConfig, EvalConfig, InitConfig,
-                                    LogConfig, ModelSpec, OptConfig, TwistConfig, differing_fields,
-                                    from_dict, to_dict)
+                                    LogConfig, ModelSpec, OptConfig, TwistConfig, from_dict,
+                                    to_dict)
 from twist_jax.subnets import CORRECTIONS, MODES, SAMPLERS, SubnetConfig
 VARIANTS = ("ddp", "true", "masked", "hybrid")
 OPT_STATES = ("slice", "reset")
@@ -306,6 +310,34 @@ def _check_subnet_sizes(cfg: Config) -> None:
   if cfg.twist.variant == "ddp":
     return
   subnets.make_spec(cfg.model.model_config(256), cfg.subnet, cfg.twist.workers)
+
+
+@functools.cache
+def _default_fields() -> dict:
+  return _flat_json(to_dict(from_configdict(default_config())))
+
+
+def _flat_json(d: dict) -> dict:
+  return traverse_util.flatten_dict(json.loads(json.dumps(d)), sep=".")
+
+
+# Older spellings of a value that mean the same run: compared as their current spelling.
+_SAME_AS = {"model.remat": {False: "none", True: "block"}}
+
+
+def _canonical(key: str, value):
+  alias = _SAME_AS.get(key, {})
+  return alias.get(value, value) if isinstance(value, bool) else value
+
+
+def differing_fields(old: dict, new: dict, ignore=()) -> list[str]:
+  """Dotted names of the fields where two config.json dicts differ, sorted. A field one of them
+  lacks (added after it was written) counts as its default value; an older spelling of the same
+  value (model.remat False = "none", True = "block") counts as the same."""
+  defaults = _default_fields()
+  a, b = _flat_json(old), _flat_json(new)
+  value = lambda d, k: _canonical(k, d.get(k, defaults.get(k)))
+  return sorted(k for k in set(a) | set(b) if value(a, k) != value(b, k) and k not in ignore)
 
 
 DETERMINISTIC_FLAG = "--xla_gpu_deterministic_ops=true"
