@@ -15,7 +15,7 @@ import pytest
 
 from twist_jax import checkpoint, config, deploy, evaluate, subnets
 from twist_jax.errors import DataError, UserError
-from twist_jax.model import GPT2, ModelConfig
+from twist_jax.model import GPT2, ModelConfig, fold_correction
 
 from helpers import exit_code, have_transformers, load_experiment, random_params
 
@@ -94,7 +94,7 @@ def test_fold_correction_keeps_the_function(params):
   from twist_jax import hf
 
   scaled = CFG.replace(attn_scale=(2.0, 0.5, 1.0, 1.5), mlp_scale=(1.0, 3.0, 0.25, 2.0))
-  folded, plain = deploy.fold_correction(params, scaled)
+  folded, plain = fold_correction(params, scaled)
   assert plain == CFG and plain.attn_scale == plain.mlp_scale == (1.0,) * 4
   np.testing.assert_allclose(logits(folded, plain, TOKENS), logits(params, scaled, TOKENS),
                              rtol=2e-5, atol=2e-5)

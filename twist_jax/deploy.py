@@ -24,10 +24,11 @@ import tempfile
 import jax
 import numpy as np
 
-from twist_jax import baselines, checkpoint, config as config_lib, evaluate, files, subnets
+from twist_jax import (baselines, checkpoint, config as config_lib, evaluate, files, hf as hf_lib,
+                       subnets)
 from twist_jax.subnets import check_kappa, deploy_spec  # noqa: F401  (deploy_spec is API)
 from twist_jax.errors import DataError, UserError
-from twist_jax.model import ModelConfig, init_params
+from twist_jax.model import ModelConfig, fold_correction, init_params
 
 HEURISTICS = config_lib.HEURISTICS  # random | first | best_of_k | magnitude
 PARAMS_DIR, MODEL_FILE, SUBNET_FILE, HF_DIR = "params", "model.json", "subnet.json", "hf"
@@ -100,27 +101,6 @@ def one_worker(subnet):
   return jax.tree.map(lambda x: x[0] if np.ndim(x) == 2 else x, subnet)
 
 
-def fold_correction(params, cfg: ModelConfig) -> tuple[dict, ModelConfig]:
-  """(params, cfg) computing the same function with all branch scales 1.0: each block's
-  attn_scale / mlp_scale is multiplied into that branch's c_proj kernel.
-
-  The scale multiplies the branch output before the residual add, and only the kernel term is
-  scaled: c (W x) + b == (c W) x + b. The one folding rule for deployment and Hugging Face export
-  (docs/method.md §4); NumPy or JAX leaves, dtype kept.
-  """
-  out = dict(params)
-  for i in range(cfg.n_layer):
-    block = {**out[f"h_{i}"]}
-    for branch, scale in (("attn", cfg.attn_scale[i]), ("mlp", cfg.mlp_scale[i])):
-      proj = block[branch]["c_proj"]
-      # A Python float is weakly typed: the kernel keeps its dtype (NumPy and JAX alike).
-      kernel = proj["kernel"] * float(scale)
-      block[branch] = {**block[branch], "c_proj": {**proj, "kernel": kernel}}
-    out[f"h_{i}"] = block
-  ones = (1.0,) * cfg.n_layer
-  return out, cfg.replace(attn_scale=ones, mlp_scale=ones)
-
-
 def extract(params, model_cfg: ModelConfig, spec: subnets.SubnetSpec, subnet):
   """(params_small, cfg_small): the subnet as a plain dense GPT-2 with the correction folded in,
   so cfg_small's scales are all 1.0. `subnet` is W = 1 (as choose_subnet returns) or unbatched."""
@@ -181,7 +161,6 @@ def save_deployed(out_dir: str, params_small, cfg_small: ModelConfig, info: dict
   out_dir = os.path.abspath(out_dir)
   with _staged(out_dir) as tmp:
     if hf:
-      from twist_jax import hf as hf_lib  # pylint: disable=import-outside-toplevel
       hf_lib.save_gpt2(params_small, cfg_small, os.path.join(tmp, HF_DIR))
     ckpt = ocp.StandardCheckpointer()
     ckpt.save(os.path.join(tmp, PARAMS_DIR), params_small)
