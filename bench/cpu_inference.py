@@ -41,7 +41,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import common  # noqa: E402  (bench/common.py: this file's folder is on sys.path)
-from twist_jax import decoding, deploy, generate, hf  # noqa: E402
+from twist_jax import decoding, deploy, generate, hf, subnet_spec  # noqa: E402
 from twist_jax.model import GPT2, ModelConfig, flops_per_token, init_params  # noqa: E402
 
 # GPT-2 shapes; XL keeps a short prompt and decodes 64 (not 128) tokens after its 512-token
@@ -270,7 +270,7 @@ def full_and_subnet(shape: dict, dtype: str = "float32") -> dict:
                             n_embd=shape["n_embd"], vocab_size=shape["vocab_size"],
                             n_positions=N_POSITIONS)
   full = random_params(cfg)
-  spec = deploy.deploy_spec(cfg, MODE, KAPPA)
+  spec = subnet_spec.deploy_spec(cfg, MODE, KAPPA)
   subnet = deploy.choose_subnet(full, cfg, spec, "random", jax.random.key(0))
   models = {"full": (full, cfg), "subnet": deploy.extract(full, cfg, spec, subnet)}
   return {name: decoding.cast_weights(p, c, dtype) for name, (p, c) in models.items()}

@@ -13,9 +13,9 @@ import optax
 import pytest
 from flax import traverse_util
 
-from twist_jax import aggregate, subnets, variants
+from twist_jax import aggregate, subnet_spec, subnets, variants
 from twist_jax.model import ModelConfig, init_params, lm_loss
-from twist_jax.subnets import SubnetConfig
+from twist_jax.subnet_spec import SubnetConfig
 
 from helpers import random_params
 import test_variants
@@ -35,7 +35,7 @@ def numpy_masked_mean(central, values, masks):
 
 
 def spec_for(mode, kappa=0.5, shared=()):
-  return subnets.make_spec(CFG, SubnetConfig(mode, (kappa,) * CFG.n_layer, shared, "uniform",
+  return subnet_spec.make_spec(CFG, SubnetConfig(mode, (kappa,) * CFG.n_layer, shared, "uniform",
                                              "mean"), W)
 
 

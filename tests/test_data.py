@@ -13,7 +13,7 @@ import pytest
 import tensorflow_datasets as tfds
 from etils import epath
 
-from twist_jax import data
+from twist_jax import data, files as files_lib
 from twist_jax.data import cache, documents, sources, tokenizers, windows
 from twist_jax.errors import ConfigError, DataError
 
@@ -442,7 +442,7 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
       f.write(b'half')
     raise KeyboardInterrupt
   with pytest.raises(KeyboardInterrupt):
-    cache.atomic_write(tmp_path / 'x.npy', crash)
+    files_lib.atomic_write(tmp_path / 'x.npy', crash)
   assert list(tmp_path.iterdir()) == []
   cache.save_array(tmp_path / 'x.npy', np.arange(5, dtype=np.uint16))
   assert [p.name for p in tmp_path.iterdir()] == ['x.npy']

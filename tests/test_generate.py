@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from twist_jax import config, decoding, deploy, generate, model, subnets
+from twist_jax import config, decoding, deploy, generate, model, subnet_spec, subnets
 from twist_jax.errors import UserError
 from twist_jax.model import GPT2, ModelConfig
 
@@ -45,7 +45,7 @@ SUBNET_MODES = {"attn": (0.25, 0.5, 0.75, 1.0), "mlp": (0.5, 0.25, 0.75, 0.125),
 
 def subnet_model(mode):
   """A True subnet of BIG: extracted, unfolded, so its scales are the 'mean' correction."""
-  spec = subnets.deploy_spec(BIG, mode, SUBNET_MODES[mode])
+  spec = subnet_spec.deploy_spec(BIG, mode, SUBNET_MODES[mode])
   subnet = deploy.choose_subnet(random_params(BIG), BIG, spec, "random", jax.random.key(1))
   small = subnets.extract_subnet(random_params(BIG), deploy.one_worker(subnet), spec)
   return small, subnets.subnet_model_config(BIG, spec)
@@ -399,7 +399,7 @@ def check_cpu_inference_record(rec, dtype, sizes):
     assert models["full"]["params"] == full.num_params()
     assert models["full"]["param_bytes"] == itemsize * full.num_params()
     sub = models["subnet"]  # attn_mlp kappa = 0.5: the deploy rule's heads and MLP units
-    spec = subnets.deploy_spec(full, "attn_mlp", 0.5)
+    spec = subnet_spec.deploy_spec(full, "attn_mlp", 0.5)
     assert (sub["n_head"], sub["n_inner"]) == (spec.keep_head[0], spec.keep_unit[0])
     sub_cfg = full.replace(n_head=(sub["n_head"],) * full.n_layer,
                            n_inner=(sub["n_inner"],) * full.n_layer)

@@ -12,7 +12,8 @@ import numpy as np
 import optax
 import pytest
 
-from twist_jax import aggregate, config as config_lib, parallel, subnets, variants, worker
+from twist_jax import (aggregate, config as config_lib, parallel, subnet_spec, subnets, variants,
+                       worker)
 from twist_jax.model import ModelConfig, init_params, lm_loss
 
 from helpers import as_float64, assert_trees_close_reordered, float64
@@ -53,7 +54,7 @@ def make_ctx(mode="attn_mlp", kappa=0.5, variant="true", devices=1, opt="adamw",
   # than the default 1e-8 keeps it 100 times tighter (and float32 users of make_ctx stable).
   c.opt.eps = EPS
   cfg = config_lib.from_configdict(c)
-  spec = subnets.make_spec(model, config_lib.SubnetConfig(
+  spec = subnet_spec.make_spec(model, config_lib.SubnetConfig(
       mode, (kappa,) * model.n_layer, shared, "cover", correction), workers)
   lr_fn = lambda t: config_lib.lr_at(cfg.opt, 100, t)
   outer = None

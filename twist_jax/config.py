@@ -16,13 +16,13 @@ import os
 import ml_collections
 from flax import traverse_util
 
-from twist_jax import subnets
+from twist_jax import subnet_spec
 from twist_jax.errors import ConfigError
 from twist_jax.model import ATTENTION_IMPLS, DTYPES, REMAT_POLICIES, ModelConfig
 from twist_jax.config_types import (CkptConfig, Config, DataConfig, EvalConfig, InitConfig,
                                     LogConfig, ModelSpec, OptConfig, TwistConfig, from_dict,
                                     to_dict)
-from twist_jax.subnets import CORRECTIONS, MODES, SAMPLERS, SubnetConfig
+from twist_jax.subnet_spec import CORRECTIONS, MODES, SAMPLERS, SubnetConfig
 VARIANTS = ("ddp", "true", "masked", "hybrid")
 OPT_STATES = ("slice", "reset")
 OPTIMIZERS = ("adamw", "sgd")
@@ -309,7 +309,7 @@ def _check_subnet_sizes(cfg: Config) -> None:
   """Every partitioned layer keeps >= 1 unit; `partition` needs kappa * S == 1 exactly."""
   if cfg.twist.variant == "ddp":
     return
-  subnets.make_spec(cfg.model.model_config(256), cfg.subnet, cfg.twist.workers)
+  subnet_spec.make_spec(cfg.model.model_config(256), cfg.subnet, cfg.twist.workers)
 
 
 @functools.cache

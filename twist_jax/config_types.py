@@ -8,7 +8,7 @@ import dataclasses
 from typing import Any
 
 from twist_jax.model import ModelConfig
-from twist_jax.subnets import SubnetConfig
+from twist_jax.subnet_spec import SubnetConfig
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,7 +26,7 @@ import numpy as np
 
 from twist_jax import (baselines, checkpoint, config as config_lib, evaluate, files, hf as hf_lib,
                        subnets)
-from twist_jax.subnets import check_kappa, deploy_spec  # noqa: F401  (deploy_spec is API)
+from twist_jax.subnet_spec import SubnetSpec, check_kappa, deploy_spec
 from twist_jax.errors import DataError, UserError
 from twist_jax.model import ModelConfig, fold_correction, init_params
 
@@ -40,13 +40,13 @@ SELECT_WINDOWS = 16  # further validation windows best_of_k selects on (disjoint
 # ---- which subnet --------------------------------------------------------------------------------
 
 
-def candidates(key: jax.Array, spec: subnets.SubnetSpec, k: int) -> list:
+def candidates(key: jax.Array, spec: SubnetSpec, k: int) -> list:
   """The k random W = 1 subnets best_of_k chooses among; draw j uses fold_in(key, j), so a
   larger k extends the same draws."""
   return [subnets.sample_subnets(jax.random.fold_in(key, j), spec, 1) for j in range(k)]
 
 
-def subnet_loss(params, model_cfg: ModelConfig, spec: subnets.SubnetSpec, subnet,
+def subnet_loss(params, model_cfg: ModelConfig, spec: SubnetSpec, subnet,
                 windows_MxLp1) -> float:
   """Mean NLL of a W = 1 subnet, run as the masked full model (one compile for all draws)."""
   masks = subnets.unit_masks(one_worker(subnet), spec)
@@ -54,14 +54,14 @@ def subnet_loss(params, model_cfg: ModelConfig, spec: subnets.SubnetSpec, subnet
                            masks=masks)
 
 
-def _block_scores(params, spec: subnets.SubnetSpec) -> dict:
+def _block_scores(params, spec: SubnetSpec) -> dict:
   """blocks mode: the L2 norm of all of a partitioned block's parameters."""
   norms = [np.sqrt(sum(float(np.sum(np.square(x))) for x in jax.tree.leaves(params[f"h_{i}"])))
            for i in spec.partitioned]
   return {"blocks": np.asarray(norms, np.float32)}
 
 
-def magnitude_scores(params, model_cfg: ModelConfig, spec: subnets.SubnetSpec) -> dict:
+def magnitude_scores(params, model_cfg: ModelConfig, spec: SubnetSpec) -> dict:
   """Higher = keep: per head / MLP unit the L2 norm of its weights (the structured baselines'
   definition), per block in blocks mode the norm of the whole block."""
   if spec.mode == "blocks":
@@ -69,7 +69,7 @@ def magnitude_scores(params, model_cfg: ModelConfig, spec: subnets.SubnetSpec) -
   return baselines.unit_scores(params, model_cfg, "magnitude")  # one definition for both
 
 
-def choose_subnet(params, model_cfg: ModelConfig, spec: subnets.SubnetSpec, heuristic: str,
+def choose_subnet(params, model_cfg: ModelConfig, spec: SubnetSpec, heuristic: str,
                   key: jax.Array, *, windows=None, k: int = 8):
   """A W = 1 subnet by a deployment heuristic (docs/method.md §3).
 
@@ -101,7 +101,7 @@ def one_worker(subnet):
   return jax.tree.map(lambda x: x[0] if np.ndim(x) == 2 else x, subnet)
 
 
-def extract(params, model_cfg: ModelConfig, spec: subnets.SubnetSpec, subnet):
+def extract(params, model_cfg: ModelConfig, spec: SubnetSpec, subnet):
   """(params_small, cfg_small): the subnet as a plain dense GPT-2 with the correction folded in,
   so cfg_small's scales are all 1.0. `subnet` is W = 1 (as choose_subnet returns) or unbatched."""
   small = subnets.extract_subnet(params, one_worker(subnet), spec)

@@ -19,7 +19,7 @@ import tqdm
 
 from twist_jax import aggregate, checkpoint, config as config_lib, data, evaluate, files
 from twist_jax import parallel
-from twist_jax import subnets, variants, worker
+from twist_jax import subnet_spec, subnets, variants, worker
 from twist_jax.errors import ConfigError, DivergenceError
 from twist_jax.model import ModelConfig, flops_per_token, init_params
 
@@ -32,7 +32,7 @@ class Run:
   workdir: str
   dataset: data.Dataset
   model: ModelConfig
-  spec: subnets.SubnetSpec | None
+  spec: subnet_spec.SubnetSpec | None
   ctx: variants.RoundContext
   init_params: dict
 
@@ -116,7 +116,7 @@ def build(cfg: config_lib.Config, workdir: str) -> Run:
                       "the masked worker); use true or masked across hosts")
   spec = None
   if cfg.twist.variant != "ddp":
-    spec = subnets.make_spec(model, cfg.subnet, cfg.twist.workers)
+    spec = subnet_spec.make_spec(model, cfg.subnet, cfg.twist.workers)
   ctx = round_context(cfg, model, spec, parallel.make_mesh(n_dev), _teacher(cfg, model))
   tw = cfg.twist
   if spec is not None and tw.variant != "hybrid":

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
-from twist_jax import aggregate, parallel, subnets
+from twist_jax import aggregate, parallel, subnet_spec, subnets
 from twist_jax.errors import ConfigError
 from twist_jax.model import ModelConfig, distill_loss, lm_loss
 from twist_jax.worker import local_steps, map_param_trees
@@ -30,7 +30,7 @@ from twist_jax.worker import local_steps, map_param_trees
 @dataclasses.dataclass(frozen=True)
 class RoundContext:
   model: ModelConfig  # the full (central) model
-  spec: subnets.SubnetSpec | None  # None for ddp
+  spec: subnet_spec.SubnetSpec | None  # None for ddp
   tx: optax.GradientTransformation
   lr_fn: Callable  # global step -> learning rate
   mesh: Mesh

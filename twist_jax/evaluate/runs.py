@@ -11,7 +11,7 @@ from twist_jax import config as config_lib, subnets
 from twist_jax.errors import ConfigError, DataError, UserError
 from twist_jax.evaluate.metrics import distribution, mean_nll, perplexity, ratio_losses
 from twist_jax.model import ModelConfig
-from twist_jax.subnets import deploy_spec
+from twist_jax.subnet_spec import deploy_spec
 
 
 @dataclasses.dataclass(frozen=True)
