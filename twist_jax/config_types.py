@@ -122,10 +122,6 @@ class Config:
   init: InitConfig
   deterministic: bool = False  # defaulted: config.json files written before it existed load
 
-  @property
-  def num_rounds(self) -> int:
-    return self.steps // self.twist.local_steps
-
 
 def to_dict(cfg: Config) -> dict[str, Any]:
   """JSON-ready dict of the resolved config (written to WORKDIR/config.json)."""
