@@ -49,15 +49,6 @@ def init_state(ctx: RoundContext, params):
           "outer_state": ctx.outer.init(params) if ctx.outer else ()}
 
 
-def _map_opt(fn_params, fn_other, opt_state, params, *others):
-  """`fn_params` on every params-shaped subtree of an optimizer state (Adam's mu and nu),
-  `fn_other` on the remaining leaves (Adam's step count)."""
-  treedef = jax.tree.structure(params)
-  is_p = lambda x: isinstance(x, dict) and jax.tree.structure(x) == treedef
-  return jax.tree.map(lambda s, *o: fn_params(s, *o) if is_p(s) else fn_other(s, *o),
-                      opt_state, *others, is_leaf=is_p)
-
-
 # ---- workers: each returns its changes (own shapes) and its losses (R,) ---------------------
 
 
@@ -154,7 +145,8 @@ def _local_sums(ctx: RoundContext, worker_fn, physical: bool, full_local: int = 
           params, opt_state, rest, batches_wxRxBxLp1[k:], step0)
       # Moments have the workers' own (maybe fewer-block) shapes: d_p tells them apart.
       parts.append({"params": add_up(d_p, rest, params),
-                    "opt": _map_opt(lambda t: add_up(t, rest, params), total, d_o, d_p)
+                    "opt": map_param_trees(lambda t: add_up(t, rest, params), d_o, d_p,
+                                           other_fn=total)
                     if ctx.opt_state == "slice" else ()})
       losses.append(loss_sxR)
     sums = jax.tree.map(lambda *xs: sum(xs), *parts) if len(parts) > 1 else parts[0]
@@ -179,10 +171,10 @@ def _finish(ctx: RoundContext, state, sums, losses_WxR, subnets_W):
   mean = aggregate.mean_of_holders(params, sums["params"], counts)
   opt_state = state["opt_state"]
   if ctx.opt_state == "slice":  # step counts moved by R on every worker: their mean is + R
-    opt_state = _map_opt(lambda c, s: aggregate.mean_of_holders(c, s, counts),
-                         lambda c, s: (c + s // w if jnp.issubdtype(c.dtype, jnp.integer)
-                                       else c + s / w).astype(c.dtype),
-                         opt_state, params, sums["opt"])
+    step_mean = lambda c, s: (c + s // w if jnp.issubdtype(c.dtype, jnp.integer)
+                              else c + s / w).astype(c.dtype)
+    opt_state = map_param_trees(lambda c, s: aggregate.mean_of_holders(c, s, counts),
+                                opt_state, params, sums["opt"], other_fn=step_mean)
   outer_state, new = state["outer_state"], mean
   if ctx.outer is not None:
     new, outer_state = aggregate.apply_outer(ctx.outer, outer_state, params, mean)
