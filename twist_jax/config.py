@@ -22,7 +22,7 @@ from twist_jax.model import ATTENTION_IMPLS, DTYPES, REMAT_POLICIES, ModelConfig
 from twist_jax.config_types import (CkptConfig, Config, DataConfig, EvalConfig, InitConfig,
                                     LogConfig, ModelSpec, OptConfig, TwistConfig, from_dict,
                                     to_dict)
-from twist_jax.subnet_spec import CORRECTIONS, MODES, SAMPLERS, SubnetConfig
+from twist_jax.subnet_spec import CORRECTIONS, MODES, SAMPLERS, SubnetConfig, check_ratios
 VARIANTS = ("ddp", "true", "masked", "hybrid")
 OPT_STATES = ("slice", "reset")
 OPTIMIZERS = ("adamw", "sgd")
@@ -155,14 +155,15 @@ def _int(field, value, *, allow_zero=False):
   _positive(field, value, allow_zero=allow_zero)
 
 
+def _ratio_error(field):
+  return lambda k: ConfigError(field, f"got {k!r}; each ratio must be in (0, 1]")
+
+
 def _kappas(value, n_layer) -> tuple[float, ...]:
   kappas = tuple(value) if isinstance(value, (tuple, list)) else (value,) * n_layer
   if len(kappas) != n_layer:
     raise ConfigError("subnet.kappa", f"got {len(kappas)} values; need 1 or n_layer={n_layer}")
-  for k in kappas:
-    if not isinstance(k, (int, float)) or isinstance(k, bool) or not 0 < k <= 1:
-      raise ConfigError("subnet.kappa", f"got {k!r}; each ratio must be in (0, 1]")
-  return tuple(float(k) for k in kappas)
+  return check_ratios(kappas, _ratio_error("subnet.kappa"))
 
 
 def _ratios(field, value) -> tuple[float, ...]:
@@ -170,10 +171,7 @@ def _ratios(field, value) -> tuple[float, ...]:
   values = tuple(value) if isinstance(value, (tuple, list)) else (value,)
   if not values:
     raise ConfigError(field, "got (); give at least one ratio in (0, 1]")
-  for k in values:
-    if not isinstance(k, (int, float)) or isinstance(k, bool) or not 0 < k <= 1:
-      raise ConfigError(field, f"got {k!r}; each ratio must be in (0, 1]")
-  return tuple(float(k) for k in values)
+  return check_ratios(values, _ratio_error(field))
 
 
 def _section(cls, d: ml_collections.ConfigDict, name: str):
