@@ -46,7 +46,7 @@ def loop_worker(ctx, params, loss_fn, batches_RxBxLp1):
 
 
 def test_all_full_workers_is_local_sgd():
-  ctx = with_levers(make_ctx(opt_state="reset"), full_workers=W)
+  ctx = with_levers(make_ctx(opt_policy="reset"), full_workers=W)
   params, batches, _, state, losses = one_round(ctx, "true")
   outs = [loop_worker(ctx, params, lambda p, b: lm_loss(p, MODEL, b), batches[w])
           for w in range(W)]
@@ -68,7 +68,7 @@ def test_masked_equals_true_with_levers(levers):
 
 
 def test_distillation_teacher_is_the_round_start_model():
-  ctx = with_levers(make_ctx(opt_state="reset"), distill=0.5, distill_temperature=2.0)
+  ctx = with_levers(make_ctx(opt_policy="reset"), distill=0.5, distill_temperature=2.0)
   params, batches, subs, state, losses = one_round(ctx, "true")
   small_cfg = subnets.subnet_model_config(MODEL, ctx.spec)
   for w in range(W):

@@ -34,7 +34,7 @@ class RoundContext:
   tx: optax.GradientTransformation
   lr_fn: Callable  # global step -> learning rate
   mesh: Mesh
-  opt_state: str  # slice | reset
+  opt_policy: str  # twist.opt_state: slice | reset (state["opt_state"] is the optimizer state)
   outer: optax.GradientTransformation | None  # None = plain masked mean
   full_workers: int = 0  # sandwich rule: the first of each device's workers train the full model
   distill: float = 0.0  # in-place distillation weight alpha of subnet workers (0 = off)
@@ -66,10 +66,10 @@ def _full_worker(ctx: RoundContext):
   loss_fn = lambda p, batch, masks: lm_loss(p, ctx.model, batch)
 
   def worker(params, opt_state, batches_RxBxLp1, step0):
-    state = opt_state if ctx.opt_state == "slice" else ctx.tx.init(params)
+    state = opt_state if ctx.opt_policy == "slice" else ctx.tx.init(params)
     new, new_state, losses_R = local_steps(loss_fn, ctx.tx, ctx.lr_fn, params, state,
                                            batches_RxBxLp1, step0, microbatch=ctx.microbatch)
-    opt_change = aggregate.changes(new_state, state) if ctx.opt_state == "slice" else ()
+    opt_change = aggregate.changes(new_state, state) if ctx.opt_policy == "slice" else ()
     return aggregate.changes(new, params), opt_change, losses_R
   return worker
 
@@ -81,13 +81,13 @@ def _true_worker(ctx: RoundContext):
   def worker(params, opt_state, subnet, batches_RxBxLp1, step0):
     loss_fn = _subnet_loss(ctx, small_cfg, params)
     small = subnets.extract_subnet(params, subnet, spec)
-    if ctx.opt_state == "slice":
+    if ctx.opt_policy == "slice":
       state = map_param_trees(lambda t: subnets.extract_subnet(t, subnet, spec), opt_state, params)
     else:
       state = ctx.tx.init(small)
     new, new_state, losses_R = local_steps(loss_fn, ctx.tx, ctx.lr_fn, small, state,
                                            batches_RxBxLp1, step0, microbatch=ctx.microbatch)
-    opt_change = aggregate.changes(new_state, state) if ctx.opt_state == "slice" else ()
+    opt_change = aggregate.changes(new_state, state) if ctx.opt_policy == "slice" else ()
     return aggregate.changes(new, small), opt_change, losses_R
   return worker
 
@@ -102,11 +102,11 @@ def _masked_worker(ctx: RoundContext):
     masks = subnets.unit_masks(subnet, spec)
     one = jax.tree.map(lambda x: x[None], subnet)
     hold = aggregate.leaf_counts(aggregate.unit_counts(one, spec), spec, params, 1)
-    state = opt_state if ctx.opt_state == "slice" else ctx.tx.init(params)
+    state = opt_state if ctx.opt_policy == "slice" else ctx.tx.init(params)
     new, new_state, losses_R = local_steps(loss_fn, ctx.tx, ctx.lr_fn, params, state,
                                            batches_RxBxLp1, step0, masks, hold,
                                            microbatch=ctx.microbatch)
-    opt_change = aggregate.changes(new_state, state) if ctx.opt_state == "slice" else ()
+    opt_change = aggregate.changes(new_state, state) if ctx.opt_policy == "slice" else ()
     return aggregate.changes(new, params), opt_change, losses_R
   return worker
 
@@ -147,7 +147,7 @@ def _local_sums(ctx: RoundContext, worker_fn, physical: bool, full_local: int = 
       parts.append({"params": add_up(d_p, rest, params),
                     "opt": map_param_trees(lambda t: add_up(t, rest, params), d_o, d_p,
                                            other_fn=total)
-                    if ctx.opt_state == "slice" else ()})
+                    if ctx.opt_policy == "slice" else ()})
       losses.append(loss_sxR)
     sums = jax.tree.map(lambda *xs: sum(xs), *parts) if len(parts) > 1 else parts[0]
     return dict(sums, counts=counts), jnp.concatenate(losses)
@@ -165,12 +165,12 @@ def _all_finite(*trees) -> jax.Array:
 
 
 def _finish(ctx: RoundContext, state, sums, losses_WxR, subnets_W):
-  """Masked mean of params (and, with opt_state=slice, of Adam moments); optional outer step."""
+  """Masked mean of params (and, with opt_policy slice, of Adam moments); optional outer step."""
   params, w = state["params"], ctx.spec.workers
   counts = aggregate.leaf_counts(sums["counts"], ctx.spec, params, w)
   mean = aggregate.mean_of_holders(params, sums["params"], counts)
   opt_state = state["opt_state"]
-  if ctx.opt_state == "slice":  # step counts moved by R on every worker: their mean is + R
+  if ctx.opt_policy == "slice":  # step counts moved by R on every worker: their mean is + R
     step_mean = lambda c, s: (c + s // w if jnp.issubdtype(c.dtype, jnp.integer)
                               else c + s / w).astype(c.dtype)
     opt_state = map_param_trees(lambda c, s: aggregate.mean_of_holders(c, s, counts),
