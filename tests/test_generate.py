@@ -207,7 +207,8 @@ def test_zero_new_tokens_and_errors(params):
 
 def test_decode_loop_updates_the_cache_in_place():
   """The compiled decode loop writes each layer's cache with a dynamic-update-slice and never
-  copies a whole cache (the optimization barrier in decoding orders the reads first)."""
+  copies a whole cache (decoding._after's data dependency orders the reads first; an
+  optimization barrier does not, on the CPU)."""
   cfg = CFG.replace(n_positions=128)
   args = (random_params(cfg), cfg, decoding.init_cache(cfg, 1), jnp.zeros((1,), jnp.int32),
           jnp.int32(3), jnp.int32(5), jax.random.key(0), 0, 0, jnp.float32(0))
