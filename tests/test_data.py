@@ -567,5 +567,9 @@ def test_validation_windows_cover_the_split_with_stride_l():
   np.testing.assert_array_equal(w[:, 1:].ravel(), tokens[1:97])  # every target once, in order
   np.testing.assert_array_equal(w[:, 0], tokens[0:96:16])
   assert windows.validation_windows(tokens, 16, max_windows=2).shape == (2, 17)
+  np.testing.assert_array_equal(windows.spread_indices(6, 2), [0, 3])
+  np.testing.assert_array_equal(windows.validation_windows(tokens, 16, max_windows=4),
+                                windows.gather_windows(tokens, windows.spread_indices(6, 4), 16))
+  np.testing.assert_array_equal(windows.spread_indices(6, 6), np.arange(6))
   with pytest.raises(DataError, match='100 tokens'):
     windows.validation_windows(tokens, 100)

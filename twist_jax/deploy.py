@@ -252,11 +252,14 @@ def _windows(dataset, context: int):
   """(report, select): REPORT_WINDOWS validation windows spread over the split (the windows
   every evaluation of that many uses) and up to SELECT_WINDOWS other spread windows that
   best_of_k selects on (on a tiny split, the report windows again)."""
+  from twist_jax.data import windows as windows_lib  # pylint: disable=import-outside-toplevel
+
   report = dataset.validation_windows(context=context, max_windows=REPORT_WINDOWS)
-  pool = dataset.validation_windows(context=context, max_windows=REPORT_WINDOWS + SELECT_WINDOWS)
-  taken = {w.tobytes() for w in report}
-  select = [w for w in pool if w.tobytes() not in taken][:SELECT_WINDOWS]
-  return report, (np.stack(select) if select else report)
+  tokens = dataset.tokens("validation")
+  count = windows_lib.num_windows(len(tokens), context)
+  pool = windows_lib.spread_indices(count, REPORT_WINDOWS + SELECT_WINDOWS)
+  select = pool[~np.isin(pool, windows_lib.spread_indices(count, REPORT_WINDOWS))][:SELECT_WINDOWS]
+  return report, (windows_lib.gather_windows(tokens, select, context) if len(select) else report)
 
 
 def _source_step(workdir: str) -> int | None:
