@@ -1,9 +1,7 @@
 """Shared pieces of the benchmarks: model presets, timing, device facts. Benchmarks print JSON."""
 
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -59,15 +57,6 @@ def device_info() -> dict:
   d = jax.devices()[0]
   return {"platform": d.platform, "device_kind": d.device_kind, "devices": jax.device_count(),
           "jax": jax.__version__}
-
-
-def load_info() -> dict:
-  """`uptime`'s line and the 1/5/15-minute load averages: whether the host was busy."""
-  try:
-    line = subprocess.run(["uptime"], capture_output=True, text=True, timeout=10).stdout.strip()
-  except (OSError, subprocess.SubprocessError) as e:
-    line = f"uptime failed: {e}"
-  return {"uptime": line, "loadavg": list(os.getloadavg()), "cpu_count": os.cpu_count()}
 
 
 def peak_memory() -> int | None:

@@ -40,8 +40,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-import common  # noqa: E402  (bench/common.py: this file's folder is on sys.path)
-from twist_jax import decoding, deploy, generate, hf  # noqa: E402
+import host  # noqa: E402  (bench/host.py: this file's folder is on sys.path)
+from twist_jax import decoding, deploy, generate, hf, subnet_spec  # noqa: E402
 from twist_jax.model import GPT2, ModelConfig, flops_per_token, init_params  # noqa: E402
 
 # GPT-2 shapes; XL keeps a short prompt and decodes 64 (not 128) tokens after its 512-token
@@ -270,7 +270,7 @@ def full_and_subnet(shape: dict, dtype: str = "float32") -> dict:
                             n_embd=shape["n_embd"], vocab_size=shape["vocab_size"],
                             n_positions=N_POSITIONS)
   full = random_params(cfg)
-  spec = deploy.deploy_spec(cfg, MODE, KAPPA)
+  spec = subnet_spec.deploy_spec(cfg, MODE, KAPPA)
   subnet = deploy.choose_subnet(full, cfg, spec, "random", jax.random.key(0))
   models = {"full": (full, cfg), "subnet": deploy.extract(full, cfg, spec, subnet)}
   return {name: decoding.cast_weights(p, c, dtype) for name, (p, c) in models.items()}
@@ -322,7 +322,7 @@ def main(argv=None) -> None:
                  help="blocks of the xl shape (0 = all 48); fewer when 48 do not fit in memory")
   args = p.parse_args(argv)
   table = QUICK if args.quick else SIZES
-  load_before = common.load_info()
+  load_before = host.load_info()
   if args.xl_layers < 0:
     p.error(f"--xl-layers: got {args.xl_layers}; must be >= 1 (0 = the full depth)")
   if args.xl_layers:
@@ -336,7 +336,7 @@ def main(argv=None) -> None:
   print(json.dumps({
       "bench": "cpu_inference", "quick": args.quick, "platform": jax.devices()[0].platform,
       "cpu_count": os.cpu_count(), "jax": jax.__version__, "dtype": args.dtype, "batch": 1,
-      "load_before": load_before, "load_after": common.load_info(),
+      "load_before": load_before, "load_after": host.load_info(),
       "loaded": load_before["loadavg"][0] > LOADED,
       "subnet": f"{MODE} kappa={KAPPA} (random draw, correction folded), dense",
       "sparse": f"{SPARSITY:.0%} of each block kernel zeroed by magnitude, stored dense",

@@ -45,6 +45,8 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
 sys.path[:0] = [BENCH, ROOT]
 
+import host  # noqa: E402  (bench/host.py: no JAX in the driver)
+
 CONFIGS = ("gpt2_ddp", "gpt2_attn_mlp", "gpt2_attn", "gpt2_mlp", "gpt2_blocks")
 CASES = ("dense", "gpt2_ddp", "gpt2_attn_mlp", "decode", "gpt2_attn", "gpt2_mlp", "gpt2_blocks")
 # Seconds each case may take at most (compile included); the budget may cut them shorter.
@@ -179,15 +181,6 @@ def run_case(name: str, dry: bool) -> dict:
 # ---- driver -------------------------------------------------------------------------------------
 
 
-def _load() -> dict:
-  """uptime and load averages (common.load_info without importing JAX into the driver)."""
-  try:
-    line = subprocess.run(["uptime"], capture_output=True, text=True, timeout=10).stdout.strip()
-  except (OSError, subprocess.SubprocessError) as e:
-    line = f"uptime failed: {e}"
-  return {"uptime": line, "loadavg": list(os.getloadavg()), "cpu_count": os.cpu_count()}
-
-
 def _nvidia_smi() -> str | None:
   """GPU name, utilisation and memory in use before the check (is anything else running?)."""
   try:
@@ -215,7 +208,7 @@ def _tail(text: str, n: int = 1500) -> str:
 
 def measure_case(name: str, dry: bool, timeout: float) -> dict:
   """Runs one case in a fresh process; its record, or its status and the tail of its stderr."""
-  load = _load()
+  load = host.load_info()
   with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, "case.json")
     argv = [sys.executable, os.path.abspath(__file__), "--case", name, "--case-out", path]
@@ -268,7 +261,7 @@ def drive(args) -> dict:
   record = {"bench": "gpu_check", "dry": args.dry, "budget_s": args.budget_s,
             "started_utc": started.isoformat(timespec="seconds"),
             "command": " ".join(["python", "bench/gpu_check.py"] + sys.argv[1:]),
-            "python": platform.python_version(), "host": {"load_before": _load(),
+            "python": platform.python_version(), "host": {"load_before": host.load_info(),
                                                           "nvidia_smi_before": _nvidia_smi()},
             "dense": {"status": "not run"}, "configs": {}, "decode": {"status": "not run"}}
   for name in CASES:
@@ -288,7 +281,7 @@ def drive(args) -> dict:
     print(f"{name}: {rec['status']} ({rec.get('wall_s', 0):.0f} s)", file=sys.stderr, flush=True)
   record["device"] = next((r["device"] for r in (record["dense"], *record["configs"].values(),
                                                  record["decode"]) if "device" in r), None)
-  record["host"]["load_after"] = _load()
+  record["host"]["load_after"] = host.load_info()
   record["complete"] = all(r["status"] == "ok" for r in (record["dense"], record["decode"],
                                                          *record["configs"].values()))
   record["total_wall_s"] = time.perf_counter() - t0

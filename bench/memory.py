@@ -64,7 +64,7 @@ def round_memory(cfg, vocab: int, available: int) -> dict:
   import jax
   import jax.numpy as jnp
 
-  from twist_jax import parallel, subnets, train, variants
+  from twist_jax import parallel, subnet_spec, train, variants
   from twist_jax.errors import UserError
   from twist_jax.model import init_params
 
@@ -73,7 +73,7 @@ def round_memory(cfg, vocab: int, available: int) -> dict:
     raise UserError("bench/memory.py compiles one round function: not hybrid, a fixed teacher "
                     "or dense warm-up steps")
   model = cfg.model.model_config(vocab)
-  spec = None if tw.variant == "ddp" else subnets.make_spec(model, cfg.subnet, tw.workers)
+  spec = None if tw.variant == "ddp" else subnet_spec.make_spec(model, cfg.subnet, tw.workers)
   n = parallel.device_count_for(tw.workers, tw.devices, available=available)
   mesh = parallel.make_mesh(n)
   ctx = train.round_context(cfg, model, spec, mesh)
@@ -103,7 +103,7 @@ def eval_memory(cfg, vocab: int) -> dict:
   import jax
   import jax.numpy as jnp
 
-  from twist_jax import evaluate, subnets
+  from twist_jax import evaluate, subnet_spec, subnets
   from twist_jax.model import init_params
 
   model = cfg.model.model_config(vocab)
@@ -116,7 +116,7 @@ def eval_memory(cfg, vocab: int) -> dict:
          "mean_nll_batch_full_logits_before": figures(_full_logits_nll_sum, params, model,
                                                       windows)}
   # The golden-ticket sweep: subnet_losses' call of 8 subnets on batch // 8 windows each.
-  spec = subnets.deploy_spec(model, cfg.subnet.mode, 0.5, cfg.subnet.shared_layers)
+  spec = subnet_spec.deploy_spec(model, cfg.subnet.mode, 0.5, cfg.subnet.shared_layers)
   sb = 8
   subs = jax.eval_shape(lambda: evaluate.random_subnets(jax.random.key(0), spec, sb))
   win = jax.ShapeDtypeStruct((max(1, b // sb), l + 1), jnp.int32)

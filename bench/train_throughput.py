@@ -17,7 +17,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import common  # noqa: E402
-from twist_jax import aggregate, config as config_lib, parallel, subnets, variants, worker  # noqa: E402
+from twist_jax import (aggregate, config as config_lib, parallel, subnet_spec,  # noqa: E402
+                       variants, worker)
 from twist_jax.model import flops_per_token, init_params  # noqa: E402
 
 
@@ -26,7 +27,7 @@ def build_context(cfg, vocab: int) -> variants.RoundContext:
   (random init; no teacher: init.teacher_run needs a saved run)."""
   model = cfg.model.model_config(vocab)
   tw = cfg.twist
-  spec = None if tw.variant == "ddp" else subnets.make_spec(model, cfg.subnet, tw.workers)
+  spec = None if tw.variant == "ddp" else subnet_spec.make_spec(model, cfg.subnet, tw.workers)
   mesh = parallel.make_mesh(parallel.device_count_for(tw.workers, tw.devices))
   return variants.RoundContext(
       model, spec, worker.make_optimizer(cfg.opt),

@@ -47,14 +47,14 @@ def _hybrid_stats(round_fn, state, cfg, model) -> dict:
   import jax
   import jax.numpy as jnp
 
-  from twist_jax import parallel, subnets
+  from twist_jax import parallel, subnet_spec, subnets
 
   if round_fn.physical is None:
     return {"collective_bytes_per_round": 0, "hybrid_transfer_bytes_per_round": 0}
   run_true, sub_mesh = round_fn.physical
   w, r, b, l = (cfg.twist.workers - 1, cfg.twist.local_steps, cfg.data.batch_size,
                 cfg.model.context)
-  spec = subnets.make_spec(model, cfg.subnet, cfg.twist.workers)
+  spec = subnet_spec.make_spec(model, cfg.subnet, cfg.twist.workers)
   rep, split = parallel.replicated(sub_mesh), parallel.worker_sharded(sub_mesh)
   like = lambda t, sh: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
                                     t)
@@ -73,7 +73,7 @@ def one_case(args) -> dict:
   import jax
 
   import train_throughput
-  from twist_jax import subnets
+  from twist_jax import subnet_spec, subnets
   from twist_jax.model import flops_per_token
 
   cfg, vocab = common.base_config(args.preset, context=args.context, batch=args.batch,
@@ -95,7 +95,7 @@ def one_case(args) -> dict:
   if args.variant == "ddp":
     ideal = 2 * full_bytes * w * r
   else:
-    spec = subnets.make_spec(model, cfg.subnet, w)
+    spec = subnet_spec.make_spec(model, cfg.subnet, w)
     worker_model = subnets.subnet_model_config(model, spec)
     moments = 3 if cfg.twist.opt_state == "slice" else 1
     ideal = 2 * 4 * worker_model.num_params() * moments * w

@@ -13,9 +13,9 @@ import optax
 import pytest
 from flax import traverse_util
 
-from twist_jax import aggregate, subnets, variants
+from twist_jax import aggregate, subnet_spec, subnets, variants
 from twist_jax.model import ModelConfig, init_params, lm_loss
-from twist_jax.subnets import SubnetConfig
+from twist_jax.subnet_spec import SubnetConfig
 
 from helpers import random_params
 import test_variants
@@ -35,7 +35,7 @@ def numpy_masked_mean(central, values, masks):
 
 
 def spec_for(mode, kappa=0.5, shared=()):
-  return subnets.make_spec(CFG, SubnetConfig(mode, (kappa,) * CFG.n_layer, shared, "uniform",
+  return subnet_spec.make_spec(CFG, SubnetConfig(mode, (kappa,) * CFG.n_layer, shared, "uniform",
                                              "mean"), W)
 
 
@@ -245,7 +245,7 @@ def rounds_against_reference(ctx, variant, full=(), rounds=3):
 @pytest.mark.parametrize("variant", ["true", "masked"])
 def test_adam_moments_are_merged_like_params_over_rounds(variant):
   """opt_state=slice: Adam's mu and nu get the same masked mean as the params, count + R."""
-  ctx = test_variants.make_ctx(opt_state="slice")
+  ctx = test_variants.make_ctx(opt_policy="slice")
   held = rounds_against_reference(ctx, variant)
   counts = np.concatenate([v.ravel() for v in held.values()])
   assert counts.min() >= 1 and counts.max() == ctx.spec.workers and (counts < 4).any()
@@ -255,7 +255,7 @@ def test_adam_moments_are_merged_like_params_over_rounds(variant):
 def test_full_and_subnet_workers_are_merged_like_the_reference_over_rounds():
   """Sandwich rule (twist.full_workers = 1): worker 0 trains the whole model and holds every
   entry; the others train their subnets; slice optimizer state."""
-  ctx = dataclasses.replace(test_variants.make_ctx(opt_state="slice"), full_workers=1)
+  ctx = dataclasses.replace(test_variants.make_ctx(opt_policy="slice"), full_workers=1)
   held = rounds_against_reference(ctx, "true", full=(0,))
   assert min(float(v.min()) for v in held.values()) >= 1  # the full worker holds everything
   assert any(float(v.min()) < float(v.max()) for v in held.values())

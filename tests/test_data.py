@@ -13,7 +13,7 @@ import pytest
 import tensorflow_datasets as tfds
 from etils import epath
 
-from twist_jax import data
+from twist_jax import data, files as files_lib
 from twist_jax.data import cache, documents, sources, tokenizers, windows
 from twist_jax.errors import ConfigError, DataError
 
@@ -442,7 +442,7 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
       f.write(b'half')
     raise KeyboardInterrupt
   with pytest.raises(KeyboardInterrupt):
-    cache.atomic_write(tmp_path / 'x.npy', crash)
+    files_lib.atomic_write(tmp_path / 'x.npy', crash)
   assert list(tmp_path.iterdir()) == []
   cache.save_array(tmp_path / 'x.npy', np.arange(5, dtype=np.uint16))
   assert [p.name for p in tmp_path.iterdir()] == ['x.npy']
@@ -567,5 +567,9 @@ def test_validation_windows_cover_the_split_with_stride_l():
   np.testing.assert_array_equal(w[:, 1:].ravel(), tokens[1:97])  # every target once, in order
   np.testing.assert_array_equal(w[:, 0], tokens[0:96:16])
   assert windows.validation_windows(tokens, 16, max_windows=2).shape == (2, 17)
+  np.testing.assert_array_equal(windows.spread_indices(6, 2), [0, 3])
+  np.testing.assert_array_equal(windows.validation_windows(tokens, 16, max_windows=4),
+                                windows.gather_windows(tokens, windows.spread_indices(6, 4), 16))
+  np.testing.assert_array_equal(windows.spread_indices(6, 6), np.arange(6))
   with pytest.raises(DataError, match='100 tokens'):
     windows.validation_windows(tokens, 100)

@@ -13,9 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from twist_jax import checkpoint, config, deploy, evaluate, subnets
+from twist_jax import checkpoint, config, deploy, evaluate, subnet_spec, subnets
 from twist_jax.errors import DataError, UserError
-from twist_jax.model import GPT2, ModelConfig
+from twist_jax.model import GPT2, ModelConfig, fold_correction
 
 from helpers import exit_code, have_transformers, load_experiment, random_params
 
@@ -62,7 +62,7 @@ CASES = {  # mode, kappa, shared layers, correction
 @pytest.mark.parametrize("case", CASES)
 def test_extracted_equals_masked_full_model(params, case):
   mode, kappa, shared, correction = CASES[case]
-  spec = deploy.deploy_spec(CFG, mode, kappa, shared, correction)
+  spec = subnet_spec.deploy_spec(CFG, mode, kappa, shared, correction)
   for seed in range(2):
     subnet = deploy.choose_subnet(params, CFG, spec, "random", jax.random.key(seed))
     small, cfg_small = deploy.extract(params, CFG, spec, subnet)
@@ -74,7 +74,7 @@ def test_extracted_equals_masked_full_model(params, case):
 
 
 def test_correction_is_folded_into_c_proj_kernels_only(params):
-  spec = deploy.deploy_spec(CFG, "attn_mlp", 0.5, correction="mean")
+  spec = subnet_spec.deploy_spec(CFG, "attn_mlp", 0.5, correction="mean")
   subnet = deploy.choose_subnet(params, CFG, spec, "random", jax.random.key(0))
   small, _ = deploy.extract(params, CFG, spec, subnet)
   sliced = subnets.extract_subnet(params, deploy.one_worker(subnet), spec)
@@ -94,7 +94,7 @@ def test_fold_correction_keeps_the_function(params):
   from twist_jax import hf
 
   scaled = CFG.replace(attn_scale=(2.0, 0.5, 1.0, 1.5), mlp_scale=(1.0, 3.0, 0.25, 2.0))
-  folded, plain = deploy.fold_correction(params, scaled)
+  folded, plain = fold_correction(params, scaled)
   assert plain == CFG and plain.attn_scale == plain.mlp_scale == (1.0,) * 4
   np.testing.assert_allclose(logits(folded, plain, TOKENS), logits(params, scaled, TOKENS),
                              rtol=2e-5, atol=2e-5)
@@ -115,7 +115,7 @@ def test_fold_correction_keeps_the_function(params):
 
 
 def test_kappa_one_is_the_full_model(params):
-  spec = deploy.deploy_spec(CFG, "attn_mlp", 1.0)
+  spec = subnet_spec.deploy_spec(CFG, "attn_mlp", 1.0)
   small, cfg_small = deploy.extract(params, CFG, spec, subnets.first_subnet(spec))
   assert cfg_small == CFG
   np.testing.assert_allclose(logits(small, cfg_small, TOKENS), logits(params, CFG, TOKENS),
@@ -123,21 +123,21 @@ def test_kappa_one_is_the_full_model(params):
 
 
 def test_deploy_spec_validates():
-  spec = deploy.deploy_spec(CFG, "attn_mlp", (0.5, 0.25, 0.75, 1.0))
+  spec = subnet_spec.deploy_spec(CFG, "attn_mlp", (0.5, 0.25, 0.75, 1.0))
   assert spec.workers == 1 and spec.keep_head == (2, 1, 3, 4)
   assert spec.keep_unit == (64, 32, 96, 128)
   for bad in (0, 1.5, -0.5, True, (0.5, 0.5), (0.5, 0.5, 0.5, 2.0)):
     with pytest.raises(UserError, match="kappa"):
-      deploy.deploy_spec(CFG, "attn", bad)
+      subnet_spec.deploy_spec(CFG, "attn", bad)
   with pytest.raises(UserError, match="mode"):
-    deploy.deploy_spec(CFG, "heads", 0.5)
+    subnet_spec.deploy_spec(CFG, "heads", 0.5)
   with pytest.raises(UserError, match="correction"):
-    deploy.deploy_spec(CFG, "attn", 0.5, correction="sqrt")
+    subnet_spec.deploy_spec(CFG, "attn", 0.5, correction="sqrt")
   with pytest.raises(UserError, match="shared_layers"):
-    deploy.deploy_spec(CFG, "attn", 0.5, shared_layers=(4,))
+    subnet_spec.deploy_spec(CFG, "attn", 0.5, shared_layers=(4,))
   with pytest.raises(UserError, match="blocks mode"):
-    deploy.deploy_spec(CFG, "blocks", (0.5, 0.5, 0.25, 0.5))
-  spec = deploy.deploy_spec(CFG, "blocks", (1.0, 0.5, 0.5, 0.5), shared_layers=(0,))
+    subnet_spec.deploy_spec(CFG, "blocks", (0.5, 0.5, 0.25, 0.5))
+  spec = subnet_spec.deploy_spec(CFG, "blocks", (1.0, 0.5, 0.5, 0.5), shared_layers=(0,))
   assert spec.keep_blocks == 2
 
 
@@ -145,12 +145,12 @@ def test_deploy_spec_validates():
 
 
 def test_first_keeps_the_prefix(params):
-  spec = deploy.deploy_spec(CFG, "attn_mlp", (0.5, 0.25, 0.75, 1.0))
+  spec = subnet_spec.deploy_spec(CFG, "attn_mlp", (0.5, 0.25, 0.75, 1.0))
   subnet = deploy.choose_subnet(params, CFG, spec, "first", jax.random.key(0))
   for i in spec.partitioned:
     np.testing.assert_array_equal(subnet[f"h_{i}"]["head"], [np.arange(spec.keep_head[i])])
     np.testing.assert_array_equal(subnet[f"h_{i}"]["unit"], [np.arange(spec.keep_unit[i])])
-  blocks = deploy.deploy_spec(CFG, "blocks", 0.5, shared_layers=(1,))
+  blocks = subnet_spec.deploy_spec(CFG, "blocks", 0.5, shared_layers=(1,))
   np.testing.assert_array_equal(
       deploy.choose_subnet(params, CFG, blocks, "first", jax.random.key(0))["blocks"], [[0, 1]])
 
@@ -179,7 +179,7 @@ def test_magnitude_keeps_the_largest_units(params):
   heads = {i: sorted(rng.choice(4, 2, replace=False).tolist()) for i in range(4)}
   units = {i: sorted(rng.choice(128, 64, replace=False).tolist()) for i in range(4)}
   big = boosted(params, heads, units)
-  spec = deploy.deploy_spec(CFG, "attn_mlp", 0.5)
+  spec = subnet_spec.deploy_spec(CFG, "attn_mlp", 0.5)
   subnet = deploy.choose_subnet(big, CFG, spec, "magnitude", jax.random.key(0))
   for i in range(4):
     np.testing.assert_array_equal(subnet[f"h_{i}"]["head"], [heads[i]])
@@ -188,13 +188,13 @@ def test_magnitude_keeps_the_largest_units(params):
 
 def test_magnitude_blocks_keeps_the_largest_blocks(params):
   big = boosted(params, {}, {}, blocks=(2, 3))
-  spec = deploy.deploy_spec(CFG, "blocks", 0.5, shared_layers=(0,))  # partitioned: 1, 2, 3
+  spec = subnet_spec.deploy_spec(CFG, "blocks", 0.5, shared_layers=(0,))  # partitioned: 1, 2, 3
   subnet = deploy.choose_subnet(big, CFG, spec, "magnitude", jax.random.key(0))
   np.testing.assert_array_equal(subnet["blocks"], [[1, 2]])  # positions of layers 2, 3
 
 
 def test_best_of_k_picks_the_lowest_loss_draw(params):
-  spec = deploy.deploy_spec(CFG, "attn_mlp", 0.5)
+  spec = subnet_spec.deploy_spec(CFG, "attn_mlp", 0.5)
   windows = np.random.default_rng(2).integers(0, 256, (4, 17))
   key, k = jax.random.key(3), 6
   draws = deploy.candidates(key, spec, k)
@@ -208,7 +208,7 @@ def test_best_of_k_picks_the_lowest_loss_draw(params):
 
 
 def test_random_is_deterministic_by_seed(params):
-  spec = deploy.deploy_spec(CFG, "attn_mlp", 0.5)
+  spec = subnet_spec.deploy_spec(CFG, "attn_mlp", 0.5)
   draw = lambda s: deploy.choose_subnet(params, CFG, spec, "random", jax.random.key(s))
   jax.tree.map(np.testing.assert_array_equal, draw(0), draw(0))
   assert draw(0)["h_0"]["unit"].shape == (1, 64)
@@ -217,7 +217,7 @@ def test_random_is_deterministic_by_seed(params):
 
 
 def test_heuristic_errors(params):
-  spec = deploy.deploy_spec(CFG, "attn", 0.5)
+  spec = subnet_spec.deploy_spec(CFG, "attn", 0.5)
   with pytest.raises(UserError, match="heuristic"):
     deploy.choose_subnet(params, CFG, spec, "largest", jax.random.key(0))
   with pytest.raises(UserError, match="windows"):
@@ -228,7 +228,7 @@ def test_heuristic_errors(params):
 
 
 def test_save_load_round_trip(params, tmp_path):
-  spec = deploy.deploy_spec(CFG, "attn_mlp", 0.5)
+  spec = subnet_spec.deploy_spec(CFG, "attn_mlp", 0.5)
   subnet = deploy.choose_subnet(params, CFG, spec, "random", jax.random.key(0))
   small, cfg_small = deploy.extract(params, CFG, spec, subnet)
   info = {"heuristic": "random", "indices": deploy.indices_json(subnet)}
@@ -246,7 +246,7 @@ def test_save_load_round_trip(params, tmp_path):
 
 
 def test_save_into_empty_folder_and_hf_refusal(params, tmp_path):
-  spec = deploy.deploy_spec(CFG, "attn", 0.5)
+  spec = subnet_spec.deploy_spec(CFG, "attn", 0.5)
   small, cfg_small = deploy.extract(params, CFG, spec, subnets.first_subnet(spec))
   with pytest.raises(UserError, match="cannot export"):
     deploy.save_deployed(str(tmp_path / "refused"), small, cfg_small, {}, hf=True)
@@ -334,7 +334,7 @@ def test_cli_hf_export_loads_in_transformers(mlp_run, tmp_path, capsys):
   # The recorded indices rebuild the same model as the masked full model.
   info = deploy.load_info(str(out))
   run_cfg, full_cfg, full = checkpoint.load_run(mlp_run)
-  spec = deploy.deploy_spec(full_cfg, info["mode"], info["kappa"], info["shared_layers"],
+  spec = subnet_spec.deploy_spec(full_cfg, info["mode"], info["kappa"], info["shared_layers"],
                             info["correction"])
   np.testing.assert_allclose(logits(params, cfg_small, TOKENS),
                              masked_logits(full, full_cfg, spec, as_subnet(info["indices"])),

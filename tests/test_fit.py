@@ -17,8 +17,8 @@ import numpy as np
 import optax
 import pytest
 
-from twist_jax import (config as config_lib, config_types, evaluate, parallel, subnets, variants,
-                       worker)
+from twist_jax import (config as config_lib, config_types, evaluate, parallel, subnet_spec, subnets,
+                       variants, worker)
 from twist_jax.errors import ConfigError
 from twist_jax.model import GPT2, REMAT_POLICIES, ModelConfig, init_params, lm_loss, lm_nll_sums
 
@@ -71,7 +71,7 @@ def test_accumulation_runs_microbatches_one_after_another():
 
 
 def make_ctx(variant, devices=1, microbatch=0, **levers):
-  spec = None if variant == "ddp" else subnets.make_spec(MODEL, config_lib.SubnetConfig(
+  spec = None if variant == "ddp" else subnet_spec.make_spec(MODEL, config_lib.SubnetConfig(
       "attn_mlp", (0.5,) * MODEL.n_layer, (), "cover", "mean"), W)
   # SGD without clipping: the update is -lr * gradient, so the comparison is about the gradient.
   return variants.RoundContext(MODEL, spec, optax.identity(), lambda t: LR,
@@ -187,7 +187,7 @@ def test_evaluation_losses_equal_full_logits_losses():
   got = evaluate.mean_nll(params, cfg, wins, batch_size=2)
   assert abs(got - ref) <= 150 * cfg.vocab_size * EPS * ref
 
-  spec = subnets.deploy_spec(cfg, "attn_mlp", 0.5)
+  spec = subnet_spec.deploy_spec(cfg, "attn_mlp", 0.5)
   subs = evaluate.random_subnets(jax.random.key(0), spec, 3)
   got_s = evaluate.subnet_losses(params, cfg, spec, subs, wins, batch_size=4, subnet_batch=2)
   small_cfg = subnets.subnet_model_config(cfg, spec)

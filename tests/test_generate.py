@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from twist_jax import config, decoding, deploy, generate, model, subnets
+from twist_jax import config, decoding, deploy, generate, model, subnet_spec, subnets
 from twist_jax.errors import UserError
 from twist_jax.model import GPT2, ModelConfig
 
@@ -45,7 +45,7 @@ SUBNET_MODES = {"attn": (0.25, 0.5, 0.75, 1.0), "mlp": (0.5, 0.25, 0.75, 0.125),
 
 def subnet_model(mode):
   """A True subnet of BIG: extracted, unfolded, so its scales are the 'mean' correction."""
-  spec = subnets.deploy_spec(BIG, mode, SUBNET_MODES[mode])
+  spec = subnet_spec.deploy_spec(BIG, mode, SUBNET_MODES[mode])
   subnet = deploy.choose_subnet(random_params(BIG), BIG, spec, "random", jax.random.key(1))
   small = subnets.extract_subnet(random_params(BIG), deploy.one_worker(subnet), spec)
   return small, subnets.subnet_model_config(BIG, spec)
@@ -207,7 +207,8 @@ def test_zero_new_tokens_and_errors(params):
 
 def test_decode_loop_updates_the_cache_in_place():
   """The compiled decode loop writes each layer's cache with a dynamic-update-slice and never
-  copies a whole cache (the optimization barrier in decoding orders the reads first)."""
+  copies a whole cache (decoding._after's data dependency orders the reads first; an
+  optimization barrier does not, on the CPU)."""
   cfg = CFG.replace(n_positions=128)
   args = (random_params(cfg), cfg, decoding.init_cache(cfg, 1), jnp.zeros((1,), jnp.int32),
           jnp.int32(3), jnp.int32(5), jax.random.key(0), 0, 0, jnp.float32(0))
@@ -399,7 +400,7 @@ def check_cpu_inference_record(rec, dtype, sizes):
     assert models["full"]["params"] == full.num_params()
     assert models["full"]["param_bytes"] == itemsize * full.num_params()
     sub = models["subnet"]  # attn_mlp kappa = 0.5: the deploy rule's heads and MLP units
-    spec = subnets.deploy_spec(full, "attn_mlp", 0.5)
+    spec = subnet_spec.deploy_spec(full, "attn_mlp", 0.5)
     assert (sub["n_head"], sub["n_inner"]) == (spec.keep_head[0], spec.keep_unit[0])
     sub_cfg = full.replace(n_head=(sub["n_head"],) * full.n_layer,
                            n_inner=(sub["n_inner"],) * full.n_layer)

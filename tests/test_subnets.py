@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from twist_jax import aggregate, subnets
+from twist_jax import aggregate, subnet_spec, subnets
 from twist_jax.config import SubnetConfig
 from twist_jax.errors import ConfigError
 from twist_jax.model import ModelConfig, init_params
@@ -20,7 +20,8 @@ CFG4 = ModelConfig.uniform(n_layer=4, n_head=2, n_embd=16, vocab_size=32, n_posi
 def spec_for(mode, kappa=0.5, workers=4, sampler="cover", shared=(), correction="mean",
              cfg=CFG):
   kappas = kappa if isinstance(kappa, tuple) else (kappa,) * cfg.n_layer
-  return subnets.make_spec(cfg, SubnetConfig(mode, kappas, shared, sampler, correction), workers)
+  return subnet_spec.make_spec(cfg, SubnetConfig(mode, kappas, shared, sampler, correction),
+                               workers)
 
 
 def groups(sub, spec):
@@ -199,11 +200,11 @@ def test_coverage_stats():
 
 def test_one_rounding_rule_half_up_everywhere():
   # floor(kappa * U + 1/2): halves round up (Python's round() would give 12, 2 and 0 here).
-  assert [subnets.keep_count(k, u) for k, u in [(0.5, 25), (0.5, 5), (0.25, 2), (0.3, 5)]] == [
+  assert [subnet_spec.keep_count(k, u) for k, u in [(0.5, 25), (0.5, 5), (0.25, 2), (0.3, 5)]] == [
       13, 3, 1, 2]
   xl = ModelConfig.uniform(n_layer=2, n_head=25, n_embd=100, vocab_size=32, n_positions=8)
   train = spec_for("attn", 0.5, workers=2, cfg=xl)
-  deploy = subnets.deploy_spec(xl, "attn", 0.5)
+  deploy = subnet_spec.deploy_spec(xl, "attn", 0.5)
   assert train.keep_head == deploy.keep_head == (13, 13)
   # Two workers of 13 heads now cover all 25 heads every round.
   for seed in range(3):
@@ -228,7 +229,7 @@ def heads_spec(units, keep, workers, core=0.0, mode="attn"):
   """A one-layer spec whose head group has U = `units` and m = `keep` (kappa = m / U)."""
   cfg = ModelConfig.uniform(n_layer=1, n_head=units, n_embd=2 * units, vocab_size=32,
                             n_positions=8)
-  return subnets.make_spec(cfg, SubnetConfig(mode, (keep / units,), (), "balanced", "mean",
+  return subnet_spec.make_spec(cfg, SubnetConfig(mode, (keep / units,), (), "balanced", "mean",
                                              core), workers)
 
 

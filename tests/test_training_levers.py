@@ -12,10 +12,10 @@ import numpy as np
 import optax
 import pytest
 
-from twist_jax import aggregate, config as config_lib, subnets, train, variants
+from twist_jax import aggregate, config as config_lib, subnet_spec, subnets, train, variants
 from twist_jax.errors import ConfigError
 from twist_jax.model import ModelConfig, distill_loss, init_params, lm_loss
-from twist_jax.subnets import SubnetConfig
+from twist_jax.subnet_spec import SubnetConfig
 
 from test_variants import MODEL, R, W, assert_trees_close, inputs, make_ctx
 
@@ -46,7 +46,7 @@ def loop_worker(ctx, params, loss_fn, batches_RxBxLp1):
 
 
 def test_all_full_workers_is_local_sgd():
-  ctx = with_levers(make_ctx(opt_state="reset"), full_workers=W)
+  ctx = with_levers(make_ctx(opt_policy="reset"), full_workers=W)
   params, batches, _, state, losses = one_round(ctx, "true")
   outs = [loop_worker(ctx, params, lambda p, b: lm_loss(p, MODEL, b), batches[w])
           for w in range(W)]
@@ -68,7 +68,7 @@ def test_masked_equals_true_with_levers(levers):
 
 
 def test_distillation_teacher_is_the_round_start_model():
-  ctx = with_levers(make_ctx(opt_state="reset"), distill=0.5, distill_temperature=2.0)
+  ctx = with_levers(make_ctx(opt_policy="reset"), distill=0.5, distill_temperature=2.0)
   params, batches, subs, state, losses = one_round(ctx, "true")
   small_cfg = subnets.subnet_model_config(MODEL, ctx.spec)
   for w in range(W):
@@ -121,7 +121,7 @@ CFG = ModelConfig.uniform(n_layer=2, n_head=8, n_embd=32, vocab_size=32, n_posit
 
 
 def spec_for(sampler="cover", kappa=0.5, workers=4, core=0.0, mode="attn_mlp"):
-  return subnets.make_spec(CFG, SubnetConfig(mode, (kappa,) * 2, (), sampler, "mean", core),
+  return subnet_spec.make_spec(CFG, SubnetConfig(mode, (kappa,) * 2, (), sampler, "mean", core),
                            workers)
 
 
@@ -183,7 +183,7 @@ def test_cover_with_a_core_that_still_covers_is_accepted_and_holds_every_unit():
   # W = 3: 2 core heads + 3 workers x 2 other heads = all 8 heads; units 32 + 3 x 32 = 128,
   # both exactly tight.
   spec = spec_for("cover", kappa=0.5, workers=3, core=0.25)
-  assert spec.keep_head == (4, 4) and subnets.core_count(0.25, 8) == 2
+  assert spec.keep_head == (4, 4) and subnet_spec.core_count(0.25, 8) == 2
   assert_every_unit_held(spec, 8, 128)
 
 

@@ -12,7 +12,8 @@ import numpy as np
 import optax
 import pytest
 
-from twist_jax import aggregate, config as config_lib, parallel, subnets, variants, worker
+from twist_jax import (aggregate, config as config_lib, parallel, subnet_spec, subnets, variants,
+                       worker)
 from twist_jax.model import ModelConfig, init_params, lm_loss
 
 from helpers import as_float64, assert_trees_close_reordered, float64
@@ -44,7 +45,7 @@ LOSS_TERMS = B * L * MODEL.vocab_size
 
 
 def make_ctx(mode="attn_mlp", kappa=0.5, variant="true", devices=1, opt="adamw",
-             opt_state="slice", correction="mean", workers=W, clip=1.0, shared=(), model=MODEL):
+             opt_policy="slice", correction="mean", workers=W, clip=1.0, shared=(), model=MODEL):
   c = config_lib.default_config()
   c.opt.name, c.opt.grad_clip, c.opt.warmup_steps = opt, clip, 1
   c.opt.lr = 0.1 if opt == "sgd" else 1e-2
@@ -53,12 +54,12 @@ def make_ctx(mode="attn_mlp", kappa=0.5, variant="true", devices=1, opt="adamw",
   # than the default 1e-8 keeps it 100 times tighter (and float32 users of make_ctx stable).
   c.opt.eps = EPS
   cfg = config_lib.from_configdict(c)
-  spec = subnets.make_spec(model, config_lib.SubnetConfig(
+  spec = subnet_spec.make_spec(model, config_lib.SubnetConfig(
       mode, (kappa,) * model.n_layer, shared, "cover", correction), workers)
   lr_fn = lambda t: config_lib.lr_at(cfg.opt, 100, t)
   outer = None
   return variants.RoundContext(model, spec, worker.make_optimizer(cfg.opt), lr_fn,
-                               parallel.make_mesh(devices), opt_state, outer)
+                               parallel.make_mesh(devices), opt_policy, outer)
 
 
 def drift_scale(ctx, steps, sgd=False):
@@ -132,9 +133,9 @@ def test_masked_equals_true(mode):
 
 def test_masked_equals_true_with_reset_state_and_norm_correction():
   with float64():
-    ctx = make_ctx(opt_state="reset", correction="norm", model=MODEL64)
+    ctx = make_ctx(opt_policy="reset", correction="norm", model=MODEL64)
     a, la = run_rounds(ctx, "true")
-    b, lb = run_rounds(make_ctx(opt_state="reset", correction="norm", model=MODEL64), "masked")
+    b, lb = run_rounds(make_ctx(opt_policy="reset", correction="norm", model=MODEL64), "masked")
   assert_same_run(a["params"], b["params"], ctx, 2 * R, la, lb)
 
 
@@ -256,7 +257,7 @@ def test_round_donates_the_state_it_replaces():
 
 def test_outer_momentum_changes_the_update():
   ctx = make_ctx()
-  ctx = variants.RoundContext(ctx.model, ctx.spec, ctx.tx, ctx.lr_fn, ctx.mesh, ctx.opt_state,
+  ctx = variants.RoundContext(ctx.model, ctx.spec, ctx.tx, ctx.lr_fn, ctx.mesh, ctx.opt_policy,
                               aggregate.outer_optimizer(0.7, 0.9))
   plain, _ = run_rounds(make_ctx(), "true", n=2)
   outer, _ = run_rounds(ctx, "true", n=2)

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from twist_jax import subnets
+from twist_jax import subnet_spec, subnets
 
 
 def mean_of_holders(central, delta_sum, counts):
@@ -54,7 +54,7 @@ def apply_outer(tx, outer_state, central, mean):
 # ---- sums and holder counts from subnet indices (no per-worker full-size trees) -------------
 
 
-def unit_counts(subnets_W, spec: subnets.SubnetSpec):
+def unit_counts(subnets_W, spec: subnet_spec.SubnetSpec):
   """Holders per unit, from the indices alone: a bincount per layer and unit kind.
 
   `{'h_i': {'head': (H,), 'unit': (F,)}}` or `{'blocks': (N,)}` (every layer, shared ones held
@@ -73,7 +73,7 @@ def _bincount(idx, total: int):
   return jnp.zeros((total,), jnp.float32).at[idx.reshape(-1)].add(1.0)
 
 
-def leaf_counts(counts, spec: subnets.SubnetSpec, like, workers: int):
+def leaf_counts(counts, spec: subnet_spec.SubnetSpec, like, workers: int):
   """Params-shaped tree of holder counts, each broadcastable to its leaf (not full-sized).
 
   A unit-bearing leaf gets its unit counts laid along the leaf's unit dim; shared leaves get
@@ -97,7 +97,7 @@ def leaf_counts(counts, spec: subnets.SubnetSpec, like, workers: int):
   return out
 
 
-def scatter_add(small_W, subnets_W, spec: subnets.SubnetSpec, like):
+def scatter_add(small_W, subnets_W, spec: subnet_spec.SubnetSpec, like):
   """sum_w scatter(small_w): W workers' subnet-shaped trees added into one full-shaped tree.
 
   One scatter-add per leaf over the workers' flattened indices; never W full-size trees.
@@ -123,7 +123,7 @@ def scatter_add(small_W, subnets_W, spec: subnets.SubnetSpec, like):
   return out
 
 
-def _scatter_add_blocks(small_W, subnets_W, spec: subnets.SubnetSpec, like):
+def _scatter_add_blocks(small_W, subnets_W, spec: subnet_spec.SubnetSpec, like):
   w = subnets_W["blocks"].shape[0]
   kept_WxK = jax.vmap(lambda b: subnets.blocks_kept({"blocks": b}, spec))(subnets_W["blocks"])
   k = spec.kept_layers()

@@ -1,18 +1,14 @@
-"""The frozen, validated configuration (what `config.from_configdict` returns), its JSON form
-(a run's config.json) and the comparison of two such forms.
+"""The frozen, validated configuration (what `config.from_configdict` returns) and its JSON form
+(a run's config.json); `config.differing_fields` compares two such forms.
 
 Fields added after a run was made carry defaults, so older config.json files still load.
 """
 
 import dataclasses
-import functools
-import json
 from typing import Any
 
-from flax import traverse_util
-
 from twist_jax.model import ModelConfig
-from twist_jax.subnets import SubnetConfig
+from twist_jax.subnet_spec import SubnetConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,10 +122,6 @@ class Config:
   init: InitConfig
   deterministic: bool = False  # defaulted: config.json files written before it existed load
 
-  @property
-  def num_rounds(self) -> int:
-    return self.steps // self.twist.local_steps
-
 
 def to_dict(cfg: Config) -> dict[str, Any]:
   """JSON-ready dict of the resolved config (written to WORKDIR/config.json)."""
@@ -150,33 +142,3 @@ def from_dict(d: dict[str, Any]) -> Config:
     elif name in sections:
       kw[name] = value
   return Config(**kw)
-
-
-@functools.cache
-def _default_fields() -> dict:
-  from twist_jax import config as config_lib  # pylint: disable=import-outside-toplevel
-
-  return _flat_json(to_dict(config_lib.from_configdict(config_lib.default_config())))
-
-
-def _flat_json(d: dict) -> dict:
-  return traverse_util.flatten_dict(json.loads(json.dumps(d)), sep=".")
-
-
-# Older spellings of a value that mean the same run: compared as their current spelling.
-_SAME_AS = {"model.remat": {False: "none", True: "block"}}
-
-
-def _canonical(key: str, value):
-  alias = _SAME_AS.get(key, {})
-  return alias.get(value, value) if isinstance(value, bool) else value
-
-
-def differing_fields(old: dict, new: dict, ignore=()) -> list[str]:
-  """Dotted names of the fields where two config.json dicts differ, sorted. A field one of them
-  lacks (added after it was written) counts as its default value; an older spelling of the same
-  value (model.remat False = "none", True = "block") counts as the same."""
-  defaults = _default_fields()
-  a, b = _flat_json(old), _flat_json(new)
-  value = lambda d, k: _canonical(k, d.get(k, defaults.get(k)))
-  return sorted(k for k in set(a) | set(b) if value(a, k) != value(b, k) and k not in ignore)

@@ -24,10 +24,11 @@ import tempfile
 import jax
 import numpy as np
 
-from twist_jax import baselines, checkpoint, config as config_lib, evaluate, files, subnets
-from twist_jax.subnets import check_kappa, deploy_spec  # noqa: F401  (deploy_spec is API)
+from twist_jax import (baselines, checkpoint, config as config_lib, evaluate, files, hf as hf_lib,
+                       subnets)
+from twist_jax.subnet_spec import SubnetSpec, check_kappa, deploy_spec
 from twist_jax.errors import DataError, UserError
-from twist_jax.model import ModelConfig, init_params
+from twist_jax.model import ModelConfig, fold_correction, init_params
 
 HEURISTICS = config_lib.HEURISTICS  # random | first | best_of_k | magnitude
 PARAMS_DIR, MODEL_FILE, SUBNET_FILE, HF_DIR = "params", "model.json", "subnet.json", "hf"
@@ -39,13 +40,13 @@ SELECT_WINDOWS = 16  # further validation windows best_of_k selects on (disjoint
 # ---- which subnet --------------------------------------------------------------------------------
 
 
-def candidates(key: jax.Array, spec: subnets.SubnetSpec, k: int) -> list:
+def candidates(key: jax.Array, spec: SubnetSpec, k: int) -> list:
   """The k random W = 1 subnets best_of_k chooses among; draw j uses fold_in(key, j), so a
   larger k extends the same draws."""
   return [subnets.sample_subnets(jax.random.fold_in(key, j), spec, 1) for j in range(k)]
 
 
-def subnet_loss(params, model_cfg: ModelConfig, spec: subnets.SubnetSpec, subnet,
+def subnet_loss(params, model_cfg: ModelConfig, spec: SubnetSpec, subnet,
                 windows_MxLp1) -> float:
   """Mean NLL of a W = 1 subnet, run as the masked full model (one compile for all draws)."""
   masks = subnets.unit_masks(one_worker(subnet), spec)
@@ -53,14 +54,14 @@ def subnet_loss(params, model_cfg: ModelConfig, spec: subnets.SubnetSpec, subnet
                            masks=masks)
 
 
-def _block_scores(params, spec: subnets.SubnetSpec) -> dict:
+def _block_scores(params, spec: SubnetSpec) -> dict:
   """blocks mode: the L2 norm of all of a partitioned block's parameters."""
   norms = [np.sqrt(sum(float(np.sum(np.square(x))) for x in jax.tree.leaves(params[f"h_{i}"])))
            for i in spec.partitioned]
   return {"blocks": np.asarray(norms, np.float32)}
 
 
-def magnitude_scores(params, model_cfg: ModelConfig, spec: subnets.SubnetSpec) -> dict:
+def magnitude_scores(params, model_cfg: ModelConfig, spec: SubnetSpec) -> dict:
   """Higher = keep: per head / MLP unit the L2 norm of its weights (the structured baselines'
   definition), per block in blocks mode the norm of the whole block."""
   if spec.mode == "blocks":
@@ -68,7 +69,7 @@ def magnitude_scores(params, model_cfg: ModelConfig, spec: subnets.SubnetSpec) -
   return baselines.unit_scores(params, model_cfg, "magnitude")  # one definition for both
 
 
-def choose_subnet(params, model_cfg: ModelConfig, spec: subnets.SubnetSpec, heuristic: str,
+def choose_subnet(params, model_cfg: ModelConfig, spec: SubnetSpec, heuristic: str,
                   key: jax.Array, *, windows=None, k: int = 8):
   """A W = 1 subnet by a deployment heuristic (docs/method.md §3).
 
@@ -100,28 +101,7 @@ def one_worker(subnet):
   return jax.tree.map(lambda x: x[0] if np.ndim(x) == 2 else x, subnet)
 
 
-def fold_correction(params, cfg: ModelConfig) -> tuple[dict, ModelConfig]:
-  """(params, cfg) computing the same function with all branch scales 1.0: each block's
-  attn_scale / mlp_scale is multiplied into that branch's c_proj kernel.
-
-  The scale multiplies the branch output before the residual add, and only the kernel term is
-  scaled: c (W x) + b == (c W) x + b. The one folding rule for deployment and Hugging Face export
-  (docs/method.md §4); NumPy or JAX leaves, dtype kept.
-  """
-  out = dict(params)
-  for i in range(cfg.n_layer):
-    block = {**out[f"h_{i}"]}
-    for branch, scale in (("attn", cfg.attn_scale[i]), ("mlp", cfg.mlp_scale[i])):
-      proj = block[branch]["c_proj"]
-      # A Python float is weakly typed: the kernel keeps its dtype (NumPy and JAX alike).
-      kernel = proj["kernel"] * float(scale)
-      block[branch] = {**block[branch], "c_proj": {**proj, "kernel": kernel}}
-    out[f"h_{i}"] = block
-  ones = (1.0,) * cfg.n_layer
-  return out, cfg.replace(attn_scale=ones, mlp_scale=ones)
-
-
-def extract(params, model_cfg: ModelConfig, spec: subnets.SubnetSpec, subnet):
+def extract(params, model_cfg: ModelConfig, spec: SubnetSpec, subnet):
   """(params_small, cfg_small): the subnet as a plain dense GPT-2 with the correction folded in,
   so cfg_small's scales are all 1.0. `subnet` is W = 1 (as choose_subnet returns) or unbatched."""
   small = subnets.extract_subnet(params, one_worker(subnet), spec)
@@ -181,7 +161,6 @@ def save_deployed(out_dir: str, params_small, cfg_small: ModelConfig, info: dict
   out_dir = os.path.abspath(out_dir)
   with _staged(out_dir) as tmp:
     if hf:
-      from twist_jax import hf as hf_lib  # pylint: disable=import-outside-toplevel
       hf_lib.save_gpt2(params_small, cfg_small, os.path.join(tmp, HF_DIR))
     ckpt = ocp.StandardCheckpointer()
     ckpt.save(os.path.join(tmp, PARAMS_DIR), params_small)
@@ -273,11 +252,14 @@ def _windows(dataset, context: int):
   """(report, select): REPORT_WINDOWS validation windows spread over the split (the windows
   every evaluation of that many uses) and up to SELECT_WINDOWS other spread windows that
   best_of_k selects on (on a tiny split, the report windows again)."""
+  from twist_jax.data import windows as windows_lib  # pylint: disable=import-outside-toplevel
+
   report = dataset.validation_windows(context=context, max_windows=REPORT_WINDOWS)
-  pool = dataset.validation_windows(context=context, max_windows=REPORT_WINDOWS + SELECT_WINDOWS)
-  taken = {w.tobytes() for w in report}
-  select = [w for w in pool if w.tobytes() not in taken][:SELECT_WINDOWS]
-  return report, (np.stack(select) if select else report)
+  tokens = dataset.tokens("validation")
+  count = windows_lib.num_windows(len(tokens), context)
+  pool = windows_lib.spread_indices(count, REPORT_WINDOWS + SELECT_WINDOWS)
+  select = pool[~np.isin(pool, windows_lib.spread_indices(count, REPORT_WINDOWS))][:SELECT_WINDOWS]
+  return report, (windows_lib.gather_windows(tokens, select, context) if len(select) else report)
 
 
 def _source_step(workdir: str) -> int | None:

@@ -18,7 +18,7 @@ import numpy as np
 from flax import traverse_util
 
 from twist_jax.errors import DataError, UserError
-from twist_jax.model import ModelConfig, init_params
+from twist_jax.model import ModelConfig, fold_correction, init_params
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
@@ -201,8 +201,6 @@ def _check_exportable(params, cfg: ModelConfig) -> None:
 def _hf_tensors(params, cfg: ModelConfig) -> dict[str, np.ndarray]:
   """Flat HF state dict with the correction scales folded into the c_proj kernels (transformers
   has no such scales), by the same rule as deployment."""
-  from twist_jax.deploy import fold_correction  # pylint: disable=import-outside-toplevel
-
   params = jax.tree.map(lambda v: np.asarray(v, np.float32), params)
   folded, _ = fold_correction(params, cfg)
   flat = traverse_util.flatten_dict(folded)

@@ -238,6 +238,27 @@ def init_params(cfg: ModelConfig, key: jax.Array) -> dict:
   return GPT2(cfg).init(key, tokens)["params"]
 
 
+def fold_correction(params, cfg: ModelConfig) -> tuple[dict, ModelConfig]:
+  """(params, cfg) computing the same function with all branch scales 1.0: each block's
+  attn_scale / mlp_scale is multiplied into that branch's c_proj kernel.
+
+  The scale multiplies the branch output before the residual add, and only the kernel term is
+  scaled: c (W x) + b == (c W) x + b. The one folding rule for deployment and Hugging Face export
+  (docs/method.md §4); NumPy or JAX leaves, dtype kept.
+  """
+  out = dict(params)
+  for i in range(cfg.n_layer):
+    block = {**out[f"h_{i}"]}
+    for branch, scale in (("attn", cfg.attn_scale[i]), ("mlp", cfg.mlp_scale[i])):
+      proj = block[branch]["c_proj"]
+      # A Python float is weakly typed: the kernel keeps its dtype (NumPy and JAX alike).
+      kernel = proj["kernel"] * float(scale)
+      block[branch] = {**block[branch], "c_proj": {**proj, "kernel": kernel}}
+    out[f"h_{i}"] = block
+  ones = (1.0,) * cfg.n_layer
+  return out, cfg.replace(attn_scale=ones, mlp_scale=ones)
+
+
 def next_token_nll(logits_BxLxV, targets_BxL):
   """Per-token negative log-likelihood (B, L), float32."""
   logp = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)

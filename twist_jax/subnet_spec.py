@@ -5,11 +5,14 @@ and the deployment spec of one extracted subnet. subnets.py draws, extracts and 
 
 import dataclasses
 import math
+from typing import Callable
 
 from twist_jax.errors import ConfigError, UserError
 from twist_jax.model import ModelConfig
 
-MODES = ("attn", "mlp", "attn_mlp", "blocks")
+# The unit kinds each mode samples within a layer (blocks mode samples whole blocks instead).
+UNIT_KINDS = {"attn": ("head",), "mlp": ("unit",), "attn_mlp": ("head", "unit"), "blocks": ()}
+MODES = tuple(UNIT_KINDS)  # attn | mlp | attn_mlp | blocks
 SAMPLERS = ("cover", "uniform", "partition", "balanced")
 CORRECTIONS = ("none", "mean", "norm")
 
@@ -48,11 +51,20 @@ class SubnetSpec:
 
   @property
   def unit_kinds(self) -> tuple[str, ...]:
-    return {"attn": ("head",), "mlp": ("unit",), "attn_mlp": ("head", "unit"),
-            "blocks": ()}[self.mode]
+    return UNIT_KINDS[self.mode]
 
   def kept_layers(self) -> int:
     return self.n_layer - len(self.partitioned) + self.keep_blocks
+
+
+def check_ratios(values, error: Callable[[object], Exception]) -> tuple[float, ...]:
+  """`values` (one number or a sequence) as a tuple of floats when each is a keep ratio: a
+  number (not a bool) in (0, 1]. Otherwise raises `error(value)` of the first that is not."""
+  values = tuple(values) if isinstance(values, (tuple, list)) else (values,)
+  for k in values:
+    if isinstance(k, bool) or not isinstance(k, (int, float)) or not 0 < k <= 1:
+      raise error(k)
+  return tuple(float(k) for k in values)
 
 
 def keep_count(kappa: float, total: int) -> int:
@@ -69,8 +81,7 @@ def make_spec(model: ModelConfig, subnet: SubnetConfig, workers: int) -> SubnetS
   n = model.n_layer
   kappas = tuple(subnet.kappa) if len(subnet.kappa) == n else (subnet.kappa[0],) * n
   partitioned = tuple(i for i in range(n) if i not in subnet.shared_layers)
-  kinds = {"attn": ("head",), "mlp": ("unit",), "attn_mlp": ("head", "unit"),
-           "blocks": ()}[subnet.mode]
+  kinds = UNIT_KINDS[subnet.mode]
   keep_head, keep_unit = list(model.n_head), list(model.n_inner)
   for i in partitioned:
     if "head" in kinds:
@@ -151,10 +162,8 @@ def _groups(spec: SubnetSpec):
 
 
 def check_kappa(kappa) -> tuple[float, ...] | float:
-  values = tuple(kappa) if isinstance(kappa, (tuple, list)) else (kappa,)
-  for k in values:
-    if isinstance(k, bool) or not isinstance(k, (int, float)) or not 0 < k <= 1:
-      raise UserError(f"kappa: got {k!r}; each keep ratio must be in (0, 1]")
+  """`kappa` unchanged when it is a keep ratio or a sequence of them; else UserError."""
+  check_ratios(kappa, lambda k: UserError(f"kappa: got {k!r}; each keep ratio must be in (0, 1]"))
   return kappa
 
 

@@ -1,5 +1,5 @@
 """Structured subnets: static-size index pytrees, samplers, extract/scatter and unit masks
-(the specs they follow live in subnet_spec and are importable from here).
+(the specs they follow live in subnet_spec).
 
 A subnet of one worker is a dict of int32 index arrays, `{'h_i': {'head': (Hs,), 'unit': (Fs,)}}`
 for the partitioned layers (attn / mlp / attn_mlp modes) or `{'blocks': (Ns,)}` (blocks mode).
@@ -16,9 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from twist_jax.model import ModelConfig
-from twist_jax.subnet_spec import (  # noqa: F401  (part of this module's API)
-    CORRECTIONS, MODES, SAMPLERS, SubnetConfig, SubnetSpec, check_kappa, core_count, deploy_spec,
-    keep_count, make_spec)
+from twist_jax.subnet_spec import SubnetSpec, core_count
 
 
 # Where a unit lives inside a block's leaves: (leaf path, dim of the leaf that holds the

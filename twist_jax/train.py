@@ -19,7 +19,7 @@ import tqdm
 
 from twist_jax import aggregate, checkpoint, config as config_lib, data, evaluate, files
 from twist_jax import parallel
-from twist_jax import subnets, variants, worker
+from twist_jax import subnet_spec, subnets, variants, worker
 from twist_jax.errors import ConfigError, DivergenceError
 from twist_jax.model import ModelConfig, flops_per_token, init_params
 
@@ -32,7 +32,7 @@ class Run:
   workdir: str
   dataset: data.Dataset
   model: ModelConfig
-  spec: subnets.SubnetSpec | None
+  spec: subnet_spec.SubnetSpec | None
   ctx: variants.RoundContext
   init_params: dict
 
@@ -116,7 +116,7 @@ def build(cfg: config_lib.Config, workdir: str) -> Run:
                       "the masked worker); use true or masked across hosts")
   spec = None
   if cfg.twist.variant != "ddp":
-    spec = subnets.make_spec(model, cfg.subnet, cfg.twist.workers)
+    spec = subnet_spec.make_spec(model, cfg.subnet, cfg.twist.workers)
   ctx = round_context(cfg, model, spec, parallel.make_mesh(n_dev), _teacher(cfg, model))
   tw = cfg.twist
   if spec is not None and tw.variant != "hybrid":
@@ -363,13 +363,7 @@ class Trainer:
 
   def fit(self) -> dict:
     cfg, r_steps = self.run.cfg, self.run.cfg.twist.local_steps
-    resumed = self.maybe_resume()
-    log = MetricsLog(self.run.workdir, resumed)
-    if resumed is not None:
-      log.write({"step": resumed, "event": "resumed", "from": str(self.mngr.directory)})
-      print(f"resumed from checkpoint at step {resumed} in {self.mngr.directory}", flush=True)
-    else:
-      self.save()  # step 0: a rollback target, and nothing is lost before the first interval
+    log = self._open_log()
     tokens_per_round = cfg.twist.workers * cfg.data.batch_size * cfg.model.context * r_steps
     sharding = parallel.worker_sharded(self.run.ctx.mesh)
     bar = tqdm.tqdm(total=cfg.steps, initial=self.step, unit="step", dynamic_ncols=True,
@@ -382,38 +376,14 @@ class Trainer:
     try:
       with _StopOnSignal() as stop:
         while self.step < cfg.steps:
-          rnd = self.step // r_steps
-          t0 = time.perf_counter()
-          batches = _round_batches(self.it, r_steps, sharding)
-          # Round r's subnets are drawn inside the call from fold_in(subnet_key, r); the old
-          # state is donated, so self.state is replaced before anything else can look at it.
-          round_fn = (self.dense_fn if self.step < cfg.twist.dense_steps else self.round_fn)
-          self.state, metrics = round_fn(self.state, self.subnet_key, batches,
-                                         jnp.int32(self.step))
-          metrics = jax.device_get(metrics)  # the one host sync per round
-          if not bool(metrics["finite"]):
-            self._diverged(log, self.step + r_steps)
+          record = self._train_round(log, sharding, tokens_per_round)
+          if record is None:  # diverged and rolled back
             bar.n = self.step
             continue
-          self.step += r_steps
-          loss_WxR, subnets_W = metrics["loss"], metrics["subnets"]
-          record = self._train_record(rnd, loss_WxR, metrics, subnets_W,
-                                      time.perf_counter() - t0, tokens_per_round)
-          if rnd % cfg.log.every == 0 or self.step == cfg.steps:
-            log.write(record)
           bar.update(r_steps)
           bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
           summary.update(step=self.step, loss=record["loss"])
-          improved = False
-          if _due(self.step, cfg.eval.every, r_steps, cfg.steps):
-            val = self.validate()
-            log.write(val)
-            summary.update(val_loss=val["val_loss"], val_ppl=val["val_ppl"])
-            bar.write(f"step {self.step}: val_loss {val['val_loss']:.4f} "
-                      f"val_ppl {val['val_ppl']:.2f}")
-            improved = self.best is None or val["val_loss"] < self.best[0]
-            if improved:
-              self.best = (val["val_loss"], self.step)
+          improved = self._validate_if_due(log, bar, summary)
           if improved or _due(self.step, cfg.ckpt.every, r_steps, cfg.steps) or stop.signal:
             self.save()
           if stop.signal:
@@ -425,6 +395,55 @@ class Trainer:
       bar.close()
       log.close()
     return summary
+
+  def _open_log(self) -> "MetricsLog":
+    """Resumes from the latest checkpoint (logging that), else saves step 0; the metrics log."""
+    resumed = self.maybe_resume()
+    log = MetricsLog(self.run.workdir, resumed)
+    if resumed is not None:
+      log.write({"step": resumed, "event": "resumed", "from": str(self.mngr.directory)})
+      print(f"resumed from checkpoint at step {resumed} in {self.mngr.directory}", flush=True)
+    else:
+      self.save()  # step 0: a rollback target, and nothing is lost before the first interval
+    return log
+
+  def _train_round(self, log: "MetricsLog", sharding, tokens_per_round: int) -> dict | None:
+    """One round from self.step; its metrics record (logged every log.every rounds and at the
+    last step), or None when it diverged and `_diverged` rolled back (or it raises)."""
+    cfg, r_steps = self.run.cfg, self.run.cfg.twist.local_steps
+    rnd = self.step // r_steps
+    t0 = time.perf_counter()
+    batches = _round_batches(self.it, r_steps, sharding)
+    # Round r's subnets are drawn inside the call from fold_in(subnet_key, r); the old
+    # state is donated, so self.state is replaced before anything else can look at it.
+    round_fn = (self.dense_fn if self.step < cfg.twist.dense_steps else self.round_fn)
+    self.state, metrics = round_fn(self.state, self.subnet_key, batches, jnp.int32(self.step))
+    metrics = jax.device_get(metrics)  # the one host sync per round
+    if not bool(metrics["finite"]):
+      self._diverged(log, self.step + r_steps)
+      return None
+    self.step += r_steps
+    loss_WxR, subnets_W = metrics["loss"], metrics["subnets"]
+    record = self._train_record(rnd, loss_WxR, metrics, subnets_W, time.perf_counter() - t0,
+                                tokens_per_round)
+    if rnd % cfg.log.every == 0 or self.step == cfg.steps:
+      log.write(record)
+    return record
+
+  def _validate_if_due(self, log: "MetricsLog", bar, summary: dict) -> bool:
+    """Validates when eval.every is due (logged, shown, in `summary`) and tracks the best;
+    True when this validation is a new best."""
+    cfg = self.run.cfg
+    if not _due(self.step, cfg.eval.every, cfg.twist.local_steps, cfg.steps):
+      return False
+    val = self.validate()
+    log.write(val)
+    summary.update(val_loss=val["val_loss"], val_ppl=val["val_ppl"])
+    bar.write(f"step {self.step}: val_loss {val['val_loss']:.4f} val_ppl {val['val_ppl']:.2f}")
+    improved = self.best is None or val["val_loss"] < self.best[0]
+    if improved:
+      self.best = (val["val_loss"], self.step)
+    return improved
 
   def _train_record(self, rnd, loss_WxR, metrics, subnets_W, dt, tokens) -> dict:
     record = {"step": self.step, "round": rnd, "loss": float(loss_WxR.mean()),

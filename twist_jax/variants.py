@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
-from twist_jax import aggregate, parallel, subnets
+from twist_jax import aggregate, parallel, subnet_spec, subnets
 from twist_jax.errors import ConfigError
 from twist_jax.model import ModelConfig, distill_loss, lm_loss
 from twist_jax.worker import local_steps, map_param_trees
@@ -30,11 +30,11 @@ from twist_jax.worker import local_steps, map_param_trees
 @dataclasses.dataclass(frozen=True)
 class RoundContext:
   model: ModelConfig  # the full (central) model
-  spec: subnets.SubnetSpec | None  # None for ddp
+  spec: subnet_spec.SubnetSpec | None  # None for ddp
   tx: optax.GradientTransformation
   lr_fn: Callable  # global step -> learning rate
   mesh: Mesh
-  opt_state: str  # slice | reset
+  opt_policy: str  # twist.opt_state: slice | reset (state["opt_state"] is the optimizer state)
   outer: optax.GradientTransformation | None  # None = plain masked mean
   full_workers: int = 0  # sandwich rule: the first of each device's workers train the full model
   distill: float = 0.0  # in-place distillation weight alpha of subnet workers (0 = off)
@@ -47,15 +47,6 @@ class RoundContext:
 def init_state(ctx: RoundContext, params):
   return {"params": params, "opt_state": ctx.tx.init(params),
           "outer_state": ctx.outer.init(params) if ctx.outer else ()}
-
-
-def _map_opt(fn_params, fn_other, opt_state, params, *others):
-  """`fn_params` on every params-shaped subtree of an optimizer state (Adam's mu and nu),
-  `fn_other` on the remaining leaves (Adam's step count)."""
-  treedef = jax.tree.structure(params)
-  is_p = lambda x: isinstance(x, dict) and jax.tree.structure(x) == treedef
-  return jax.tree.map(lambda s, *o: fn_params(s, *o) if is_p(s) else fn_other(s, *o),
-                      opt_state, *others, is_leaf=is_p)
 
 
 # ---- workers: each returns its changes (own shapes) and its losses (R,) ---------------------
@@ -75,10 +66,10 @@ def _full_worker(ctx: RoundContext):
   loss_fn = lambda p, batch, masks: lm_loss(p, ctx.model, batch)
 
   def worker(params, opt_state, batches_RxBxLp1, step0):
-    state = opt_state if ctx.opt_state == "slice" else ctx.tx.init(params)
+    state = opt_state if ctx.opt_policy == "slice" else ctx.tx.init(params)
     new, new_state, losses_R = local_steps(loss_fn, ctx.tx, ctx.lr_fn, params, state,
                                            batches_RxBxLp1, step0, microbatch=ctx.microbatch)
-    opt_change = aggregate.changes(new_state, state) if ctx.opt_state == "slice" else ()
+    opt_change = aggregate.changes(new_state, state) if ctx.opt_policy == "slice" else ()
     return aggregate.changes(new, params), opt_change, losses_R
   return worker
 
@@ -90,13 +81,13 @@ def _true_worker(ctx: RoundContext):
   def worker(params, opt_state, subnet, batches_RxBxLp1, step0):
     loss_fn = _subnet_loss(ctx, small_cfg, params)
     small = subnets.extract_subnet(params, subnet, spec)
-    if ctx.opt_state == "slice":
+    if ctx.opt_policy == "slice":
       state = map_param_trees(lambda t: subnets.extract_subnet(t, subnet, spec), opt_state, params)
     else:
       state = ctx.tx.init(small)
     new, new_state, losses_R = local_steps(loss_fn, ctx.tx, ctx.lr_fn, small, state,
                                            batches_RxBxLp1, step0, microbatch=ctx.microbatch)
-    opt_change = aggregate.changes(new_state, state) if ctx.opt_state == "slice" else ()
+    opt_change = aggregate.changes(new_state, state) if ctx.opt_policy == "slice" else ()
     return aggregate.changes(new, small), opt_change, losses_R
   return worker
 
@@ -111,11 +102,11 @@ def _masked_worker(ctx: RoundContext):
     masks = subnets.unit_masks(subnet, spec)
     one = jax.tree.map(lambda x: x[None], subnet)
     hold = aggregate.leaf_counts(aggregate.unit_counts(one, spec), spec, params, 1)
-    state = opt_state if ctx.opt_state == "slice" else ctx.tx.init(params)
+    state = opt_state if ctx.opt_policy == "slice" else ctx.tx.init(params)
     new, new_state, losses_R = local_steps(loss_fn, ctx.tx, ctx.lr_fn, params, state,
                                            batches_RxBxLp1, step0, masks, hold,
                                            microbatch=ctx.microbatch)
-    opt_change = aggregate.changes(new_state, state) if ctx.opt_state == "slice" else ()
+    opt_change = aggregate.changes(new_state, state) if ctx.opt_policy == "slice" else ()
     return aggregate.changes(new, params), opt_change, losses_R
   return worker
 
@@ -154,8 +145,9 @@ def _local_sums(ctx: RoundContext, worker_fn, physical: bool, full_local: int = 
           params, opt_state, rest, batches_wxRxBxLp1[k:], step0)
       # Moments have the workers' own (maybe fewer-block) shapes: d_p tells them apart.
       parts.append({"params": add_up(d_p, rest, params),
-                    "opt": _map_opt(lambda t: add_up(t, rest, params), total, d_o, d_p)
-                    if ctx.opt_state == "slice" else ()})
+                    "opt": map_param_trees(lambda t: add_up(t, rest, params), d_o, d_p,
+                                           other_fn=total)
+                    if ctx.opt_policy == "slice" else ()})
       losses.append(loss_sxR)
     sums = jax.tree.map(lambda *xs: sum(xs), *parts) if len(parts) > 1 else parts[0]
     return dict(sums, counts=counts), jnp.concatenate(losses)
@@ -173,16 +165,16 @@ def _all_finite(*trees) -> jax.Array:
 
 
 def _finish(ctx: RoundContext, state, sums, losses_WxR, subnets_W):
-  """Masked mean of params (and, with opt_state=slice, of Adam moments); optional outer step."""
+  """Masked mean of params (and, with opt_policy slice, of Adam moments); optional outer step."""
   params, w = state["params"], ctx.spec.workers
   counts = aggregate.leaf_counts(sums["counts"], ctx.spec, params, w)
   mean = aggregate.mean_of_holders(params, sums["params"], counts)
   opt_state = state["opt_state"]
-  if ctx.opt_state == "slice":  # step counts moved by R on every worker: their mean is + R
-    opt_state = _map_opt(lambda c, s: aggregate.mean_of_holders(c, s, counts),
-                         lambda c, s: (c + s // w if jnp.issubdtype(c.dtype, jnp.integer)
-                                       else c + s / w).astype(c.dtype),
-                         opt_state, params, sums["opt"])
+  if ctx.opt_policy == "slice":  # step counts moved by R on every worker: their mean is + R
+    step_mean = lambda c, s: (c + s // w if jnp.issubdtype(c.dtype, jnp.integer)
+                              else c + s / w).astype(c.dtype)
+    opt_state = map_param_trees(lambda c, s: aggregate.mean_of_holders(c, s, counts),
+                                opt_state, params, sums["opt"], other_fn=step_mean)
   outer_state, new = state["outer_state"], mean
   if ctx.outer is not None:
     new, outer_state = aggregate.apply_outer(ctx.outer, outer_state, params, mean)

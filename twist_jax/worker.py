@@ -26,15 +26,18 @@ def make_optimizer(opt: OptConfig) -> optax.GradientTransformation:
   return optax.chain(*parts) if parts else optax.identity()
 
 
-def map_param_trees(fn, state, params, *others):
+def map_param_trees(fn, state, params, *others, other_fn: Callable | None = None):
   """Applies `fn` to every params-shaped subtree of `state` (e.g. Adam's mu and nu).
 
   `others` are trees with the same structure as `state`, passed alongside. Leaves outside such
-  subtrees (Adam's step count) are returned from `state` unchanged.
+  subtrees (Adam's step count) go through `other_fn` (same arguments), or without it are
+  returned from `state` unchanged.
   """
   treedef = jax.tree.structure(params)
   is_p = lambda x: isinstance(x, dict) and jax.tree.structure(x) == treedef
-  return jax.tree.map(lambda s, *o: fn(s, *o) if is_p(s) else s, state, *others, is_leaf=is_p)
+  other_fn = other_fn or (lambda s, *o: s)
+  return jax.tree.map(lambda s, *o: fn(s, *o) if is_p(s) else other_fn(s, *o), state, *others,
+                      is_leaf=is_p)
 
 
 def freeze(new_tree, old_tree, hold):

@@ -20,7 +20,7 @@ import time
 import jax
 import numpy as np
 
-from twist_jax import baselines, evaluate, files, subnets
+from twist_jax import baselines, evaluate, files, subnet_spec, subnets
 from twist_jax.errors import ConfigError, UserError
 
 STRUCT_PREFIX = "struct-"
@@ -70,16 +70,16 @@ def calibration_windows(dataset, cfg, count: int) -> np.ndarray:
   return next(it)[0]
 
 
-def structured_spec(model, kappa: float, mode: str, shared) -> subnets.SubnetSpec:
+def structured_spec(model, kappa: float, mode: str, shared) -> subnet_spec.SubnetSpec:
   """The pruned model's shape; correction 'none': a pruning baseline rescales nothing."""
   try:
-    return subnets.deploy_spec(model, mode, kappa, shared, "none")
+    return subnet_spec.deploy_spec(model, mode, kappa, shared, "none")
   except ConfigError as e:  # name the CLI's argument, not the training config field
     raise UserError(f"--sparsity: keeping kappa = {kappa:g} in {mode} mode: "
                     f"{str(e).split(': ', 1)[-1]}") from None
 
 
-def prune_structured(params, model, method: str, spec: subnets.SubnetSpec, calib, key):
+def prune_structured(params, model, method: str, spec: subnet_spec.SubnetSpec, calib, key):
   """(small params, small model config): the top-scoring units kept, extracted dense."""
   scores = baselines.unit_scores(params, model, method, calib_windows=calib, key=key)
   subnet = jax.tree.map(lambda x: x[0], subnets.from_scores(scores, spec))  # drop W = 1

@@ -7,8 +7,7 @@ import pathlib
 
 import numpy as np
 
-# Re-exported: the tokenizer cache writes through cache.atomic_write.
-from twist_jax.files import atomic_write  # noqa: F401
+from twist_jax.files import atomic_write
 
 
 def data_root(data_dir: str) -> pathlib.Path:

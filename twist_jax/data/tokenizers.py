@@ -13,7 +13,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from twist_jax.data import cache
+from twist_jax import files
 from twist_jax.errors import DataError
 
 TOKENIZERS = ('bytes', 'gpt2', 'bpe')
@@ -192,7 +192,7 @@ def bpe(path: str, vocab_size: int, train_texts) -> BpeTokenizer:
   from tokenizers import Tokenizer  # pylint: disable=g-import-not-at-top
   if not os.path.exists(path):
     tok = train_bpe(train_texts(), vocab_size)
-    cache.atomic_write(path, lambda tmp: tok.save(tmp))
+    files.atomic_write(path, lambda tmp: tok.save(tmp))
   return BpeTokenizer(Tokenizer.from_file(path), vocab_size)
 
 

@@ -30,15 +30,22 @@ def gather_windows(tokens: np.ndarray, index: np.ndarray, context: int) -> np.nd
   return np.asarray(tokens[starts + np.arange(context + 1)], np.int32)
 
 
+def spread_indices(count: int, max_windows: int | None = None) -> np.ndarray:
+  """Which of a split's `count` windows `validation_windows` takes, in increasing order: all,
+  or with `max_windows` (> 0) fewer than count, window i * count // max_windows for i below it
+  (spread evenly over the whole split, not its first part)."""
+  if max_windows and max_windows < count:
+    return np.arange(max_windows) * count // max_windows
+  return np.arange(count)
+
+
 def validation_windows(tokens: np.ndarray, context: int, max_windows: int | None = None):
   """The split's non-overlapping windows in order; with `max_windows` (> 0) at most that many,
-  spread evenly over the whole split (window i * count // max_windows), not its first part."""
+  spread evenly over the whole split (`spread_indices`), not its first part."""
   count = num_windows(len(tokens), context)
   if count == 0:
     raise DataError(f'validation split has {len(tokens)} tokens; a window needs {context + 1}')
-  if max_windows and max_windows < count:
-    return gather_windows(tokens, np.arange(max_windows) * count // max_windows, context)
-  return gather_windows(tokens, np.arange(count), context)
+  return gather_windows(tokens, spread_indices(count, max_windows), context)
 
 
 def _shuffle_seed(seed: int) -> int:

@@ -19,7 +19,7 @@ from twist_jax.evaluate.report import (REPORT_NAME, after_training, check_golden
                                        golden_ticket_report, heatmap, report_markdown,
                                        report_paths, summary_table, write_report)
 from twist_jax.evaluate.runs import check_run
-from twist_jax.subnets import deploy_spec
+from twist_jax.subnet_spec import deploy_spec
 
 __all__ = ["OneLineParser", "Output", "REPORT_NAME", "_subnets_nll_sums", "add_json_flag",
            "after_training", "check_golden", "check_run", "deploy_spec", "distribution",

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from twist_jax import subnets
+from twist_jax import subnet_spec, subnets
 from twist_jax.model import ModelConfig, lm_nll_sums
 
 # ---- perplexity of one model ---------------------------------------------------------------------
@@ -52,7 +52,7 @@ def perplexity(nll: float) -> float:
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
-def random_subnets(key: jax.Array, spec: subnets.SubnetSpec, samples: int):
+def random_subnets(key: jax.Array, spec: subnet_spec.SubnetSpec, samples: int):
   """`samples` independent uniform subnets, leading axis S; sample n depends on (key, n) only,
   so a larger `samples` extends the same draws."""
   keys_S = jax.vmap(lambda n: jax.random.fold_in(key, n))(jnp.arange(samples))
@@ -66,7 +66,7 @@ def kappa_key(seed: int, kappa: float) -> jax.Array:
   return jax.random.fold_in(jax.random.key(seed), int(round(kappa * 1_000_000)))
 
 
-def keeps_everything(spec: subnets.SubnetSpec) -> bool:
+def keeps_everything(spec: subnet_spec.SubnetSpec) -> bool:
   """True when every subnet of `spec` is the whole model (then all draws are identical)."""
   if spec.mode == "blocks":
     return spec.keep_blocks == len(spec.partitioned)
@@ -74,7 +74,7 @@ def keeps_everything(spec: subnets.SubnetSpec) -> bool:
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
-def _subnets_nll_sums(params, cfg: ModelConfig, spec: subnets.SubnetSpec, subnets_S,
+def _subnets_nll_sums(params, cfg: ModelConfig, spec: subnet_spec.SubnetSpec, subnets_S,
                       windows_BxLp1, weight_B):
   """(S,) NLL sums of the extracted dense subnets on one batch (padding windows weigh 0)."""
   small_cfg = subnets.subnet_model_config(cfg, spec)
@@ -93,7 +93,7 @@ def _pad(x, size: int):
   return x if extra == 0 else jnp.concatenate([x, jnp.repeat(x[-1:], extra, axis=0)])
 
 
-def subnet_losses(params, cfg: ModelConfig, spec: subnets.SubnetSpec, subnets_S,
+def subnet_losses(params, cfg: ModelConfig, spec: subnet_spec.SubnetSpec, subnets_S,
                   windows_MxLp1: np.ndarray, *, batch_size: int = 32, subnet_batch: int = 8,
                   bar=None) -> np.ndarray:
   """(S,) mean next-token NLL of every subnet on the same windows.
@@ -120,7 +120,7 @@ def subnet_losses(params, cfg: ModelConfig, spec: subnets.SubnetSpec, subnets_S,
   return np.concatenate(out) / (m * (windows_MxLp1.shape[1] - 1))
 
 
-def ratio_losses(params, cfg: ModelConfig, spec: subnets.SubnetSpec, kappa: float,
+def ratio_losses(params, cfg: ModelConfig, spec: subnet_spec.SubnetSpec, kappa: float,
                  samples: int, windows_MxLp1, *, seed: int = 0, batch_size: int = 32,
                  full_loss: float | None = None, bar=None) -> np.ndarray:
   """(samples,) losses of the random subnets of one ratio, drawn from kappa_key(seed, kappa).

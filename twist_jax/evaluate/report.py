@@ -163,7 +163,7 @@ def check_golden(cfg) -> None:
   """Before training: every eval.golden_kappas ratio cuts a valid subnet of subnet.mode, so the
   job does not fail at its very end (ConfigError naming the field)."""
   from twist_jax.errors import ConfigError
-  from twist_jax.subnets import deploy_spec
+  from twist_jax.subnet_spec import deploy_spec
 
   if cfg.eval.golden_samples == 0:
     return

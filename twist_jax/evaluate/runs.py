@@ -11,7 +11,7 @@ from twist_jax import config as config_lib, subnets
 from twist_jax.errors import ConfigError, DataError, UserError
 from twist_jax.evaluate.metrics import distribution, mean_nll, perplexity, ratio_losses
 from twist_jax.model import ModelConfig
-from twist_jax.subnets import deploy_spec
+from twist_jax.subnet_spec import check_ratios, deploy_spec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,9 +79,7 @@ def check_args(kappas, samples: int, max_windows: int, mode, correction) -> tupl
   kappas = tuple(float(k) for k in kappas)
   if not kappas:
     raise UserError("kappas: give at least one ratio in (0, 1]")
-  for k in kappas:
-    if not 0 < k <= 1:
-      raise UserError(f"kappas: got {k:g}; each ratio must be in (0, 1]")
+  check_ratios(kappas, lambda k: UserError(f"kappas: got {k:g}; each ratio must be in (0, 1]"))
   if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
     raise UserError(f"samples: got {samples!r}; must be an integer >= 1")
   if isinstance(max_windows, bool) or not isinstance(max_windows, int) or max_windows < 0:

@@ -181,9 +181,9 @@ def make_bases(out: str, *, quick: bool = False, shapes=tuple(BASE_SHAPES)) -> d
   if unknown:
     raise ConfigError("--shapes", f"unknown {unknown[0]!r}; allowed: "
                                  f"{', '.join(BASE_SHAPES)}")
-  dataset = data.load(base_configdict(shapes[0], quick).data)
-  context = base_configdict(shapes[0], quick).model.context
-  windows = dataset.validation_windows(context=context,
+  first = base_configdict(shapes[0], quick)
+  dataset = data.load(first.data)
+  windows = dataset.validation_windows(context=first.model.context,
                                        max_windows=QUICK["windows"] if quick else None)
   train_tokens = int(dataset.tokens("train").size)
   records = {}

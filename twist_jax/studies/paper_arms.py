@@ -15,7 +15,7 @@ import json
 
 import ml_collections
 
-from twist_jax import config as config_lib, subnets
+from twist_jax import config as config_lib, subnet_spec, subnets
 from twist_jax.model import ModelConfig, flops_per_token
 
 SEED_OFFSET = 1000  # fine-tune seed s is cfg.seed 1000 + s: nothing replays the base's order
@@ -202,7 +202,7 @@ def step_flops(cfg: config_lib.Config, teacher: ModelConfig | None = None) -> di
   dense = w * tokens * (full + fixed)
   if cfg.twist.variant == "ddp":
     return {"dense": dense, "twist": dense}
-  spec = subnets.make_spec(model, cfg.subnet, w)
+  spec = subnet_spec.make_spec(model, cfg.subnet, w)
   sub = flops_per_token(subnets.subnet_model_config(model, spec), context)
   distill = full / 3 if cfg.twist.distill > 0 else 0.0
   k = cfg.twist.full_workers

@@ -11,7 +11,7 @@ import math
 import jax
 import numpy as np
 
-from twist_jax import baselines, evaluate, subnets
+from twist_jax import baselines, evaluate, subnet_spec
 from twist_jax.baselines import __main__ as baselines_cli
 from twist_jax.studies.paper_arms import (EVAL_SEED, KAPPA, KAPPAS, MODE, SPARSITIES,
                                           STRUCTURED, UNSTRUCTURED)
@@ -29,7 +29,7 @@ def subnet_distributions(params, model, windows, kappas, samples: int, correctio
   every subnet when `core` > 0), deployed with `correction`."""
   out = {}
   for k in kappas:
-    spec = subnets.deploy_spec(model, MODE, k, (), correction, core=core)
+    spec = subnet_spec.deploy_spec(model, MODE, k, (), correction, core=core)
     losses = evaluate.ratio_losses(params, model, spec, k, samples, windows, seed=EVAL_SEED,
                                    full_loss=full_loss)
     out[f"{k:g}"] = evaluate.distribution(losses)
