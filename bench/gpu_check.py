@@ -148,7 +148,8 @@ def case_config(name: str, dry: bool) -> dict:
                        "kappa": cfg.subnet.kappa, "workers": cfg.twist.workers,
                        "batch": cfg.data.batch_size, "local_steps": cfg.twist.local_steps,
                        "context": m.context, "dtype": m.dtype, "attention": m.attention,
-                       "remat": m.remat, "n_layer": m.n_layer, "n_embd": m.n_embd,
+                       "remat": m.remat, "worker_loop": cfg.twist.worker_loop,
+                       "n_layer": m.n_layer, "n_embd": m.n_embd,
                        "vocab": vocab, "devices": out["devices"]},
              peak_bytes_in_use=peak, xla_memory_bytes_per_device=hlo_stats.memory_bytes(compiled),
              device=common.device_info())

@@ -4,7 +4,7 @@ R=1, SGD) == DDP, and resampling never recompiles.
 The equivalence tests run both sides in float64 and compare within a round-off bound derived
 from the computation (N_TERMS, drift_scale) instead of a float32 tolerance set by hand."""
 
-import functools
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -264,3 +264,36 @@ def test_outer_momentum_changes_the_update():
   diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
              for a, b in zip(jax.tree.leaves(plain["params"]), jax.tree.leaves(outer["params"])))
   assert diff > 1e-4
+
+
+@pytest.mark.parametrize("variant,opt_policy,full", [("true", "slice", 0), ("masked", "slice", 0),
+                                                    ("true", "reset", 0), ("true", "slice", 1),
+                                                    ("masked", "slice", 2)])
+def test_workers_one_at_a_time_equal_workers_all_at_once(variant, opt_policy, full):
+  """twist.worker_loop = scan (a device's workers one after another into running sums) is the
+  same round as vmap, with full-model (sandwich) workers too: params and Adam moments agree
+  within the float32 loss head's round-off (different kernels; see
+  assert_same_up_to_step_roundoff), losses likewise. Two rounds, so the second starts from the
+  aggregated moments."""
+  with float64():
+    start = as_float64(init_params(MODEL, jax.random.key(42)))
+    runs = {}
+    for loop in ("vmap", "scan"):
+      ctx = dataclasses.replace(make_ctx(opt_policy=opt_policy, model=MODEL64),
+                                full_workers=full, worker_loop=loop)
+      runs[loop] = run_rounds(ctx, variant)
+  (a, la), (b, lb) = runs["scan"], runs["vmap"]
+  np.testing.assert_allclose(la, lb, rtol=1e-5)
+  assert_same_up_to_step_roundoff(a["params"], b["params"], start)
+  if opt_policy == "slice":
+    zero = variants.init_state(make_ctx(model=MODEL64), start)["opt_state"]
+    assert_same_up_to_step_roundoff(a["opt_state"], b["opt_state"], zero)
+
+
+def test_worker_loop_is_a_config_choice():
+  c = config_lib.default_config()
+  c.twist.worker_loop = "loop"
+  with pytest.raises(config_lib.ConfigError, match="twist.worker_loop"):
+    config_lib.from_configdict(c)
+  c.twist.worker_loop = "scan"
+  assert config_lib.from_configdict(c).twist.worker_loop == "scan"

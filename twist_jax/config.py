@@ -25,6 +25,7 @@ from twist_jax.config_types import (CkptConfig, Config, DataConfig, EvalConfig, 
 from twist_jax.subnet_spec import CORRECTIONS, MODES, SAMPLERS, SubnetConfig, check_ratios
 VARIANTS = ("ddp", "true", "masked", "hybrid")
 OPT_STATES = ("slice", "reset")
+WORKER_LOOPS = ("vmap", "scan")
 OPTIMIZERS = ("adamw", "sgd")
 HEURISTICS = ("random", "first", "best_of_k", "magnitude")
 
@@ -92,6 +93,9 @@ def _twist_defaults() -> ml_collections.ConfigDict:
   t.outer_lr = 1.0  # outer optimizer on (central - masked mean); 1 and 0 momentum = plain TwIST
   t.outer_momentum = 0.0  # Nesterov momentum of the outer SGD (DiLoCo uses 0.9)
   t.devices = 0  # devices of the worker mesh; 0 means all local devices
+  # How a device runs its workers: vmap (all at once) | scan (one after another into running
+  # sums: one worker's activations and slices in memory at a time; same result up to roundoff)
+  t.worker_loop = "vmap"
   # Training levers (docs/method.md §9), all off by default:
   t.full_workers = 0  # k of the S workers train the full model every round (sandwich rule)
   t.distill = 0.0  # alpha: subnet loss (1 - alpha) CE + alpha T^2 KL(round-start model || subnet)
@@ -284,6 +288,7 @@ def _twist_config(c: ml_collections.ConfigDict, steps) -> TwistConfig:
   t = _section(TwistConfig, c, "twist")
   _choice("twist.variant", t.variant, VARIANTS)
   _choice("twist.opt_state", t.opt_state, OPT_STATES)
+  _choice("twist.worker_loop", t.worker_loop, WORKER_LOOPS)
   _int("twist.workers", t.workers)
   _int("twist.local_steps", t.local_steps)
   _int("twist.devices", t.devices, allow_zero=True)

@@ -25,6 +25,7 @@ class TwistConfig:
   distill_temperature: float = 1.0
   dense_steps: int = 0
   dense_outer: bool = False
+  worker_loop: str = "vmap"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,6 +17,9 @@ def gpt2_124m(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.C
   # Each worker's 16 x 1024 tokens as 8 sequential microbatches of 2 (same update, no
   # recompute), so 4 workers fit in 60 GB on one device (results/bench/memory_gpt2.json).
   c.data.microbatch = 2
+  # A device's workers one after another (running sums): on one GPU, one worker's activations
+  # and slices at a time instead of four (twist.worker_loop; same round up to roundoff).
+  c.twist.worker_loop = "scan"
   c.steps = 30_000
   c.opt.update(lr=6e-4, warmup_steps=1000, weight_decay=0.1)
   c.eval.update(every=1500, max_windows=0, batch_size=16)

@@ -101,7 +101,7 @@ def round_context(cfg: config_lib.Config, model: ModelConfig, spec, mesh,
       model, spec, worker.make_optimizer(cfg.opt),
       lambda t: config_lib.lr_at(cfg.opt, cfg.steps, t), mesh, tw.opt_state,
       aggregate.outer_optimizer(tw.outer_lr, tw.outer_momentum), tw.full_workers if spec else 0,
-      tw.distill, tw.distill_temperature, teacher, cfg.data.microbatch)
+      tw.distill, tw.distill_temperature, teacher, cfg.data.microbatch, tw.worker_loop)
 
 
 def build(cfg: config_lib.Config, workdir: str) -> Run:

@@ -42,6 +42,7 @@ class RoundContext:
   # ddp only: (params, ModelConfig) of a fixed teacher every worker distills from (with distill)
   teacher: tuple | None = None
   microbatch: int = 0  # rows per sequential microbatch of a worker's step (0 = whole batch)
+  worker_loop: str = "vmap"  # a device's workers all at once (vmap) or one at a time (scan)
 
 
 def init_state(ctx: RoundContext, params):
@@ -114,6 +115,29 @@ def _masked_worker(ctx: RoundContext):
 # ---- per-device sums and the final mean -------------------------------------------------------
 
 
+def _sum_workers(loop: str, call, part, xs):
+  """(sum over workers of part(changes), losses (w, R)) for the workers along xs' leading axis.
+
+  `call(x)` runs one worker: (params changes, opt changes, losses R). `part(d_p, d_o, xs)` turns
+  changes with a leading worker axis into summed trees. vmap runs every worker at once; scan
+  runs them one after another, adding each worker's part into running sums, so one worker's
+  activations and slices are in memory at a time (the sums are the same up to roundoff).
+  """
+  if loop == "vmap":
+    d_p, d_o, losses = jax.vmap(call)(xs)
+    return part(d_p, d_o, xs), losses
+  lead = lambda t: jax.tree.map(lambda a: a[None], t)
+  one_part = lambda x, d_p, d_o: part(lead(d_p), lead(d_o), lead(x))
+
+  def body(acc, x):
+    d_p, d_o, losses = call(x)
+    return jax.tree.map(jnp.add, acc, one_part(x, d_p, d_o)), losses
+  first = jax.tree.map(lambda a: a[0], xs)
+  like = jax.eval_shape(lambda x: one_part(x, *call(x)[:2]), first)
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), like)
+  return jax.lax.scan(body, zeros, xs)
+
+
 def _local_sums(ctx: RoundContext, worker_fn, physical: bool, full_local: int = 0):
   """This device's workers (leading axis w): ({'params', 'opt', 'counts'} sums, losses (w, R)).
 
@@ -136,18 +160,24 @@ def _local_sums(ctx: RoundContext, worker_fn, physical: bool, full_local: int = 
     counts = jax.tree.map(lambda c: (c if w > k else 0 * c) + k, counts)  # full workers hold all
     parts, losses = [], []
     if k:
-      d_p, d_o, loss_kxR = jax.vmap(_full_worker(ctx), in_axes=(None, None, 0, None))(
-          params, opt_state, batches_wxRxBxLp1[:k], step0)
-      parts.append({"params": total(d_p), "opt": total(d_o)})
+      full = _full_worker(ctx)
+      part, loss_kxR = _sum_workers(
+          ctx.worker_loop, lambda b: full(params, opt_state, b, step0),
+          lambda d_p, d_o, _: {"params": total(d_p), "opt": total(d_o)},
+          batches_wxRxBxLp1[:k])
+      parts.append(part)
       losses.append(loss_kxR)
     if w > k:
-      d_p, d_o, loss_sxR = jax.vmap(worker_fn, in_axes=(None, None, 0, 0, None))(
-          params, opt_state, rest, batches_wxRxBxLp1[k:], step0)
-      # Moments have the workers' own (maybe fewer-block) shapes: d_p tells them apart.
-      parts.append({"params": add_up(d_p, rest, params),
-                    "opt": map_param_trees(lambda t: add_up(t, rest, params), d_o, d_p,
-                                           other_fn=total)
-                    if ctx.opt_policy == "slice" else ()})
+      def subnet_part(d_p, d_o, xs):
+        # Moments have the workers' own (maybe fewer-block) shapes: d_p tells them apart.
+        return {"params": add_up(d_p, xs[0], params),
+                "opt": map_param_trees(lambda t: add_up(t, xs[0], params), d_o, d_p,
+                                       other_fn=total)
+                if ctx.opt_policy == "slice" else ()}
+      part, loss_sxR = _sum_workers(
+          ctx.worker_loop, lambda x: worker_fn(params, opt_state, x[0], x[1], step0),
+          subnet_part, (rest, batches_wxRxBxLp1[k:]))
+      parts.append(part)
       losses.append(loss_sxR)
     sums = jax.tree.map(lambda *xs: sum(xs), *parts) if len(parts) > 1 else parts[0]
     return dict(sums, counts=counts), jnp.concatenate(losses)
