@@ -141,18 +141,21 @@ def _uptime() -> str:
 
 
 def one_case(path: str, arg: str, setting: str, n: int, vocab: int) -> dict:
-  """One config's round on n visible devices; setting 'before' drops remat and accumulation."""
+  """One config's round on n visible devices; setting 'before' drops remat and accumulation and
+  runs a device's workers all at once (twist.worker_loop = vmap)."""
   import dataclasses
 
   cfg = load_config(path, None if arg == "none" else arg)
   if setting == "before":
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, remat="none"),
-                              data=dataclasses.replace(cfg.data, microbatch=0))
+                              data=dataclasses.replace(cfg.data, microbatch=0),
+                              twist=dataclasses.replace(cfg.twist, worker_loop="vmap"))
   name = os.path.basename(path) + ("" if arg == "none" else f":{arg}")
   return {"config": name, "setting": setting, "visible_devices": n,
           "variant": cfg.twist.variant, "workers": cfg.twist.workers,
           "batch": cfg.data.batch_size, "microbatch": cfg.data.microbatch,
-          "remat": cfg.model.remat, "dtype": cfg.model.dtype, **round_memory(cfg, vocab, n)}
+          "remat": cfg.model.remat, "worker_loop": cfg.twist.worker_loop,
+          "dtype": cfg.model.dtype, **round_memory(cfg, vocab, n)}
 
 
 def _child(argv: list[str]) -> dict:
@@ -169,7 +172,8 @@ def main():
   p.add_argument("--args", default="none,hf", help="config arguments ('none' = no argument)")
   p.add_argument("--devices", default="1,8", help="visible device counts to compile for")
   p.add_argument("--before", nargs="*", default=[],
-                 help="configs also compiled with model.remat=none, data.microbatch=0")
+                 help="configs also compiled with model.remat=none, data.microbatch=0, "
+                 "twist.worker_loop=vmap")
   p.add_argument("--vocab", type=int, default=50257, help="the tokenizer's vocabulary size")
   p.add_argument("--no-eval", dest="eval", action="store_false")
   p.add_argument("--jobs", type=int, default=4, help="cases compiled at once (processes)")

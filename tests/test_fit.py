@@ -255,5 +255,6 @@ def test_paper_scale_configs_set_the_memory_defaults(name, arg):
   """The settings results/bench/memory_gpt2.json shows fit in 60 GB per device."""
   cfg = _gpt2_config(name, arg)
   assert cfg.model.remat == "none" and cfg.data.microbatch == 2 and cfg.data.batch_size == 16
+  assert cfg.twist.worker_loop == "scan"  # one worker at a time on a device (true <= DDP there)
   smoke = _gpt2_config(name, "smoke")  # validated: the smoke batch of 4 is 2 microbatches
   assert (smoke.data.batch_size, smoke.data.microbatch) == (4, 2)
