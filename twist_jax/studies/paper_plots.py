@@ -42,14 +42,16 @@ def golden_tickets(state: dict, path: str) -> bool:
 
 def ppl_vs_sparsity(summary: dict, path: str) -> bool:
   """Mean PPL (over seeds) against sparsity for every row of the paper table."""
-  rows = [r for r in summary["table"] if len(r["cells"]) > 1 or "0.5" in r["cells"]]
+  rows = [r for r in summary["table"] if (len(r["cells"]) > 1 or "0.5" in r["cells"])
+          and not r["what"].startswith("= B0")]  # B* = B0 would hide B0's line
   if not rows:
     return False
   fig, ax = plt.subplots(figsize=(7.5, 4.5))
+  colors = plt.get_cmap("tab20")
   for i, row in enumerate(rows):
     sp = sorted(float(c) for c in row["cells"])
     y = [row["cells"][f"{c:g}"]["mean"] for c in sp]
-    ax.plot(sp, y, "o-" if row["structured"] else "x--", color=f"C{i % 10}",
+    ax.plot(sp, y, "o-" if row["structured"] else "x--", color=colors(i % 20),
             label=row["method"])
   ax.set_yscale("log")
   ax.set_xlabel("sparsity of the block parameters")
