@@ -184,10 +184,10 @@ def _run_folder(st: Study, arm: Arm, cfg, resolved: dict) -> str:
   rid = arms_lib.run_id(arm, cfg)
   prefix = rid.rsplit("-", 1)[0] + "-"
   runs = os.path.join(st.out, "runs")
-  for name in sorted(os.listdir(runs)) if os.path.isdir(runs) else ():
+  names = sorted(os.listdir(runs)) if os.path.isdir(runs) else []
+  for name in (n for n in names if n != rid and n.startswith(prefix)):
     saved = _read_json(os.path.join(runs, name, "config.json"))
-    if (name != rid and name.startswith(prefix) and saved is not None
-        and not config_lib.differing_fields(saved, resolved)):
+    if saved is not None and not config_lib.differing_fields(saved, resolved):
       return name
   return rid
 
@@ -226,9 +226,13 @@ def run_arm(st: Study, arm: Arm, index: str = "") -> dict:
 
 
 def _go(st: Study, arm: Arm, index: str) -> dict:
+  """Runs one arm, records it and rewrites the report; a dense A0/A0' arm is followed by its
+  pruning references, so the headline comparison lands with it."""
   rec = run_arm(st, arm, index)
   st.records = [r for r in st.records if r["name"] != rec["name"]] + [rec]
   paper_report.write(st.out, report_state(st))
+  if rec["label"] in ("A0", "A0'"):
+    run_references(st, rec)
   return rec
 
 
@@ -312,9 +316,7 @@ def run(out: str, bases_dir: str | None = None, quick: bool = False) -> dict:
   print(f"[paper] best learning rates: A0 {st.lrs['A0']:g}, B0 {st.lrs['B0']:g}", flush=True)
   main = arms_lib.main_arms(st.s)
   for i, arm in enumerate(main):
-    rec = _go(st, arm, f"{i + 1}/{len(main)}")
-    if rec["label"] in ("A0", "A0'"):  # the headline comparison lands with its dense arm
-      run_references(st, rec)
+    _go(st, arm, f"{i + 1}/{len(main)}")
   b0 = [paper_eval.target_loss(r["eval"]) for r in st.records
         if r["label"] == "B0" and r["width"] == "wide"]
   levers = {r["label"]: paper_eval.target_loss(r["eval"]) for r in st.records
@@ -346,9 +348,7 @@ def core_rows(out: str, bases_dir: str | None, lrs: dict, quick: bool = False,
   os.makedirs(out, exist_ok=True)
   st.lrs = {"A0": float(lrs["A0"]), "B0": float(lrs["B0"])}
   for i, arm in enumerate(CORE_ARMS):
-    rec = _go(st, arm, f"{i + 1}/{len(CORE_ARMS)}")
-    if rec["label"] == "A0":
-      run_references(st, rec)
+    _go(st, arm, f"{i + 1}/{len(CORE_ARMS)}")
   return report_state(st)
 
 
