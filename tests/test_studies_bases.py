@@ -97,3 +97,56 @@ def test_quick_bases_train_export_and_check(tmp_path):
   assert again['bases']['full']['timing'] == full['timing']
   assert len(full['timing']['segments']) == 1
   assert os.path.getmtime(os.path.join(out, 'full', deploy.MODEL_FILE)) == stamp
+
+
+def test_base_families_keep_each_pairs_relations():
+  """In every family `half` is `full`'s kappa = 0.5 attn_mlp subnet as a dense model, `narrow_*`
+  the same pair at half the width, and the narrow pair trains to its full's tokens per parameter
+  (to one round of 15 steps). The config file takes [FAMILY:]SHAPE."""
+  from twist_jax.experiments import BASE_FAMILIES  # pylint: disable=import-outside-toplevel
+  from twist_jax.model import ModelConfig  # pylint: disable=import-outside-toplevel
+
+  def params(dims):
+    d, h, k, f = dims
+    return ModelConfig(n_embd=d, head_dim=k, n_head=(h,) * 4, n_inner=(f,) * 4).num_params()
+
+  for fam in BASE_FAMILIES.values():
+    (full, steps), (half, half_steps) = fam['full'], fam['half']
+    assert half_steps == steps
+    assert (half[0], half[1] * 2, half[2], half[3] * 2) == full
+    (nfull, nsteps), (nhalf, _) = fam['narrow_full'], fam['narrow_half']
+    assert nfull == (full[0] // 2, full[1], full[2] // 2, full[3] // 2)
+    assert (nhalf[0], nhalf[1] * 2, nhalf[2], nhalf[3] * 2) == nfull
+    per_param = steps / params(full)
+    assert abs(nsteps - per_param * params(nfull)) <= 15 and nsteps % 15 == 0
+  assert BASE_FAMILIES['d64']['full'][0] == BASE_FAMILIES['d128']['narrow_full'][0]
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  spec = importlib.util.spec_from_file_location('pysource_base', 'experiments/pysource_base.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config('d64:half')
+  assert (c.model.n_embd, c.model.n_head, c.model.n_inner, c.steps) == (64, 4, 128, 7200)
+  c = module.get_config('half')
+  assert (c.model.n_embd, c.model.n_head, c.model.n_inner, c.steps) == (128, 4, 256, 7200)
+
+
+@pytest.mark.slow
+def test_quick_bases_of_another_family(tmp_path):
+  out = str(tmp_path / 'bases')
+  info = bases.make_bases(out, quick=True, shapes=('narrow_half',), family='d64')
+  assert info['family'] == 'd64'
+  assert info['command'] == f'python -m twist_jax.studies.bases --out {out} --family d64 --quick'
+  rec = info['bases']['narrow_half']
+  assert rec['model'] == {'n_embd': 32, 'n_head': 4, 'head_dim': 4, 'n_inner': 64}
+  model = deploy.load_deployed(os.path.join(out, 'narrow_half'))[1]
+  assert (model.n_embd, model.n_head, model.n_inner) == (32, (4,) * 4, (64,) * 4)
+  assert rec['params'] == model.num_params()
+  assert info['regime'] == [] and not os.path.exists(os.path.join(out, 'bases.png'))
+
+
+def test_unknown_family_is_a_one_line_usage_error(tmp_path, capsys):
+  out = tmp_path / 'bases'
+  assert bases.main(['--out', str(out), '--family', 'd96']) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and '--family' in err[0] and 'd64' in err[0] and 'd128' in err[0]
+  assert not out.exists()

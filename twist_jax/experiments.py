@@ -51,24 +51,34 @@ def pydocs_schedule(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
-# The pretrained bases (twist_jax/studies/bases.py): name -> (n_embd, n_head, head_dim, n_inner).
-BASE_SHAPES = {
-    "full": (128, 8, 16, 512),  # the main job's model (0.84M params at V = 256)
-    "half": (128, 4, 16, 256),  # full's kappa = 0.5 attn_mlp subnet as a dense model
-    "narrow_full": (64, 8, 8, 256),  # half the width: the width-trend point
-    "narrow_half": (64, 4, 8, 128),  # its kappa = 0.5 attn_mlp subnet's shape
+# The pretrained bases (twist_jax/studies/bases.py), in families of four shapes with the same names:
+# family -> shape -> ((n_embd, n_head, head_dim, n_inner), pretraining steps). In each family
+# `half` is `full`'s kappa = 0.5 attn_mlp subnet as a dense model, `narrow_*` the same pair at half
+# the width (the study's width-trend point), and the narrow pair trains to full's tokens per
+# parameter. Every step is 4 workers x 8 windows x 128 tokens.
+BASE_FAMILIES = {
+    # The main job's model (0.84M params at V = 256); 7200 steps = 35 tokens per parameter.
+    "d128": {"full": ((128, 8, 16, 512), 7200), "half": ((128, 4, 16, 256), 7200),
+             "narrow_full": ((64, 8, 8, 256), 1920), "narrow_half": ((64, 4, 8, 128), 1920)},
+    # Half the width, the same 7200 steps (131 tokens per parameter): a capacity-limited pair.
+    # The d128 half base trails its full one by only 0.052 nats after 7200 steps, and that gap
+    # stopped growing from step 2400 on (results/bases/bases.png), while d128's narrow pair
+    # already trailed by 0.056 at a quarter of the tokens with its gap still growing.
+    "d64": {"full": ((64, 8, 8, 256), 7200), "half": ((64, 4, 8, 128), 7200),
+            "narrow_full": ((32, 8, 4, 128), 2025), "narrow_half": ((32, 4, 4, 64), 2025)},
 }
-# Equal tokens per parameter within each width: narrow_full has 224,640 params to full's 842,496
-# (~35 tokens per parameter: 7200 steps x 4 workers x 8 windows x 128 tokens over 0.84M).
-BASE_STEPS = {"full": 7200, "half": 7200, "narrow_full": 1920, "narrow_half": 1920}
+BASE_SHAPES = tuple(BASE_FAMILIES["d128"])  # the shape names, the same in every family
 
 
-def pysource_base(c: ml_collections.ConfigDict, shape: str) -> ml_collections.ConfigDict:
-  """Dense (DDP) pretraining of base `shape` on python_source, the stdlib's code.
+def pysource_base(c: ml_collections.ConfigDict, shape: str,
+                  family: str = "d128") -> ml_collections.ConfigDict:
+  """Dense (DDP) pretraining of base `shape` of `family` on python_source, the stdlib's code.
 
   Every shape sees the same windows in the same order (same seed, workers and batch); a pair
   (full, half) differs only in its model and so measures what width buys at this budget.
   """
+  if family not in BASE_FAMILIES:
+    raise ValueError(f"base family must be one of {', '.join(BASE_FAMILIES)} (got {family!r})")
   if shape not in BASE_SHAPES:
     raise ValueError(f"base shape must be one of {', '.join(BASE_SHAPES)} (got {shape!r})")
   c.twist.variant = "ddp"
@@ -79,9 +89,8 @@ def pysource_base(c: ml_collections.ConfigDict, shape: str) -> ml_collections.Co
   c.eval.update(every=600, max_windows=512, golden_samples=0)  # windows spread over the split
   c.ckpt.update(every=600, keep=2)
   c.log.every = 4
-  d, h, k, f = BASE_SHAPES[shape]
+  (d, h, k, f), c.steps = BASE_FAMILIES[family][shape]
   c.model.update(n_embd=d, n_head=h, head_dim=k, n_inner=f)
-  c.steps = BASE_STEPS[shape]
   return c
 
 

@@ -2,9 +2,10 @@
 with DDP on python_source (the stdlib's code), the repo's stand-in for pretrained GPT-2.
 
   python -m twist_jax.studies.bases --out results/bases          # ~1.5 h on 2 idle cores
+  python -m twist_jax.studies.bases --out results/bases_d64 --family d64   # half the widths
   python -m twist_jax.studies.bases --out /tmp/bases --quick     # tiny budget, ~2 min (CI)
 
-Each shape (twist_jax/experiments.py BASE_SHAPES) trains as a normal run in OUT/runs/<shape>
+Each shape of the family (twist_jax/experiments.py BASE_FAMILIES) trains as a normal run in OUT/runs/<shape>
 (resumed if interrupted, skipped if finished); then OUT/<shape>/ is written by
 deploy.save_deployed, so a run starts from it with --config.init.from_run=OUT/<shape>. The
 full-width shapes also carry OUT/<shape>/hf, a Hugging Face GPT-2 folder (--config.init.hf=
@@ -28,7 +29,7 @@ import jax
 from twist_jax import checkpoint, config as config_lib, data, deploy, evaluate, files, train
 from twist_jax.config import default_config
 from twist_jax.errors import ConfigError, UserError
-from twist_jax.experiments import BASE_SHAPES, pysource_base
+from twist_jax.experiments import BASE_FAMILIES, BASE_SHAPES, pysource_base
 from twist_jax.model import ModelConfig
 
 REGIME_GAP = 0.06  # nats/byte the half base must trail the full one by (issue 18)
@@ -37,10 +38,10 @@ QUICK = dict(steps=15, eval_every=15, windows=32)  # --quick: the code paths at 
 EVAL_BATCH = 64
 
 
-def base_configdict(shape: str, quick: bool = False):
-  """The pretraining config of `shape` (experiments/pysource_base.py:<shape>), or its --quick
-  shrink: same model, a few steps."""
-  c = pysource_base(default_config(), shape)
+def base_configdict(shape: str, quick: bool = False, family: str = "d128"):
+  """The pretraining config of `shape` (experiments/pysource_base.py:<family>:<shape>), or its
+  --quick shrink: same model, a few steps."""
+  c = pysource_base(default_config(), shape, family)
   c.log.progress = False
   if quick:
     c.steps = QUICK["steps"]
@@ -65,11 +66,11 @@ def _latest_step(workdir: str) -> int | None:
   return checkpoint.manager(workdir).latest_step()
 
 
-def train_base(shape: str, out: str, quick: bool) -> str:
+def train_base(shape: str, out: str, quick: bool, family: str = "d128") -> str:
   """Trains (or resumes, or skips) OUT/runs/<shape>; appends the segment's timing to its
   timing.jsonl (wall and CPU seconds, load average before and after); returns the workdir."""
   workdir = os.path.join(out, "runs", shape)
-  cfg = config_lib.from_configdict(base_configdict(shape, quick))
+  cfg = config_lib.from_configdict(base_configdict(shape, quick, family))
   start = _latest_step(workdir)
   if start == cfg.steps:
     return workdir
@@ -95,7 +96,7 @@ def _timing(workdir: str) -> dict:
               cpu_s=round(sum(cpu), 1) if segs and None not in cpu else None)
 
 
-def export_base(shape: str, workdir: str, out: str, record: dict) -> str:
+def export_base(shape: str, workdir: str, out: str, record: dict, command: str) -> str:
   """OUT/<shape>: the run's final params as a deployed folder (+ hf/ where transformers can
   hold the shape); rewritten only when the run moved past the exported step."""
   folder = os.path.join(out, shape)
@@ -110,8 +111,7 @@ def export_base(shape: str, workdir: str, out: str, record: dict) -> str:
   params, meta = checkpoint.latest_params(workdir)
   model = ModelConfig.from_dict(meta["model"])
   hf = model.n_head[0] * model.head_dim == model.n_embd
-  info = dict(base=shape, step=record["steps"], source="python_source",
-              command=f"python -m twist_jax.studies.bases --out {out}")
+  info = dict(base=shape, step=record["steps"], source="python_source", command=command)
   deploy.save_deployed(folder, params, model, info, hf=hf)
   return folder
 
@@ -124,7 +124,8 @@ def _copy_logs(workdir: str, dest: str) -> None:
       shutil.copyfile(os.path.join(workdir, name), os.path.join(dest, name))
 
 
-def base_record(shape: str, workdir: str, windows, train_tokens: int) -> dict:
+def base_record(shape: str, workdir: str, windows, train_tokens: int,
+                family: str = "d128") -> dict:
   """Size, budget, time and whole-validation loss of a finished base run."""
   params, meta = checkpoint.latest_params(workdir)
   model = ModelConfig.from_dict(meta["model"])
@@ -135,7 +136,7 @@ def base_record(shape: str, workdir: str, windows, train_tokens: int) -> dict:
   n_params = sum(int(x.size) for x in jax.tree.leaves(params))
   loss = evaluate.mean_nll(params, model, windows, batch_size=EVAL_BATCH)
   return dict(shape=shape, model=dict(zip(("n_embd", "n_head", "head_dim", "n_inner"),
-                                          BASE_SHAPES[shape])),
+                                          BASE_FAMILIES[family][shape][0])),
               params=n_params, steps=steps, tokens=tokens,
               tokens_per_param=round(tokens / n_params, 2),
               epochs=round(tokens / train_tokens, 3), val_loss=round(float(loss), 5),
@@ -175,27 +176,31 @@ def report_markdown(info: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
-def make_bases(out: str, *, quick: bool = False, shapes=tuple(BASE_SHAPES)) -> dict:
+def make_bases(out: str, *, quick: bool = False, shapes=BASE_SHAPES, family: str = "d128") -> dict:
   """Trains, exports and checks the bases; writes OUT/bases.{json,md}; returns the json dict."""
+  if family not in BASE_FAMILIES:
+    raise ConfigError("--family", f"unknown {family!r}; allowed: {', '.join(BASE_FAMILIES)}")
   unknown = sorted(set(shapes) - set(BASE_SHAPES))
   if unknown:
     raise ConfigError("--shapes", f"unknown {unknown[0]!r}; allowed: "
                                  f"{', '.join(BASE_SHAPES)}")
-  first = base_configdict(shapes[0], quick)
+  first = base_configdict(shapes[0], quick, family)
   dataset = data.load(first.data)
   windows = dataset.validation_windows(context=first.model.context,
                                        max_windows=QUICK["windows"] if quick else None)
   train_tokens = int(dataset.tokens("train").size)
+  command = (f"python -m twist_jax.studies.bases --out {out}"
+             + (f" --family {family}" if family != "d128" else "") + (" --quick" if quick else ""))
   records = {}
   for shape in shapes:
-    workdir = train_base(shape, out, quick)
-    records[shape] = base_record(shape, workdir, windows, train_tokens)
+    workdir = train_base(shape, out, quick, family)
+    records[shape] = base_record(shape, workdir, windows, train_tokens, family)
     _copy_logs(workdir, os.path.join(out, "logs", shape))
-    export_base(shape, workdir, out, records[shape])
+    export_base(shape, workdir, out, records[shape], command)
     print(f"base {shape}: val loss {records[shape]['val_loss']:.4f} "
           f"({records[shape]['tokens_per_param']} tokens/param)", flush=True)
-  command = f"python -m twist_jax.studies.bases --out {out}" + (" --quick" if quick else "")
-  info = dict(command=command, quick=quick, corpus="python_source", val_windows=len(windows),
+  info = dict(command=command, family=family, quick=quick, corpus="python_source",
+              val_windows=len(windows),
               train_tokens=train_tokens, bases=records, regime=regime(records))
   files.write_json(os.path.join(out, "bases.json"), info, sort_keys=True)
   files.write_text(os.path.join(out, "bases.md"), report_markdown(info))
@@ -219,6 +224,8 @@ def plot_bases(info: dict, out: str) -> None:
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
   pairs = [p for p in PAIRS if all(s in info["bases"] for s in p)]
+  if not pairs:  # a single shape (--shapes): nothing to compare
+    return
   fig, axes = plt.subplots(1, len(pairs), figsize=(5 * len(pairs), 3.6), squeeze=False)
   for ax, pair in zip(axes[0], pairs):
     for shape in pair:
@@ -237,6 +244,8 @@ def _parser() -> argparse.ArgumentParser:
                              formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--out", required=True, help="folder for the bases, their runs and report")
   p.add_argument("--quick", action="store_true", help="a few steps per base (pipeline check)")
+  p.add_argument("--family", default="d128", help=f"which widths: {', '.join(BASE_FAMILIES)} "
+                 "(twist_jax/experiments.py BASE_FAMILIES)")
   p.add_argument("--shapes", default=",".join(BASE_SHAPES),
                  help=f"comma-separated subset of {', '.join(BASE_SHAPES)}")
   return p
@@ -244,7 +253,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _main(argv) -> evaluate.Output:
   a = _parser().parse_args(argv)
-  info = make_bases(a.out, quick=a.quick, shapes=tuple(a.shapes.split(",")))
+  info = make_bases(a.out, quick=a.quick, shapes=tuple(a.shapes.split(",")), family=a.family)
   return evaluate.Output(info, report_markdown(info))
 
 

@@ -293,6 +293,12 @@ def _target_line(t: dict) -> str:
   return f"- {t['target']}: {t['value']:.4f} (bound {t['bound']}) → {verdict}"
 
 
+def _width(sm: dict, shape: str) -> str:
+  """': D = 128' from the bases' record of `shape`, or '' where the bases carry none."""
+  model = sm["bases"].get(shape, {}).get("model")
+  return f": D = {model['n_embd']}" if model else ""
+
+
 def regime_lines(sm: dict) -> list[str]:
   r, bases = sm["regime"], sm["bases"]
   lines = []
@@ -346,7 +352,8 @@ def markdown(sm: dict) -> str:
            f"Learning rates: A0 {sm['lrs'].get('A0', '–')}, B0 {sm['lrs'].get('B0', '–')} "
            "(S, A0', C1 and the narrow arms use A0's; B-SE, screening and B* use B0's).", "",
            "## Regime", ""] + regime_lines(sm)
-  lines += ["", "## PPL by method and sparsity (wide: D = 128)", ""] + table_markdown(sm["table"])
+  lines += ["", f"## PPL by method and sparsity (wide{_width(sm, 'full')})", ""]
+  lines += table_markdown(sm["table"])
   lines += ["", "## Targets (issue 18)", ""]
   for label, ts in sm["targets"].items():
     lines += [_target_line(t) for t in ts if t["met"] is not None or label == "B*"]
@@ -361,7 +368,7 @@ def markdown(sm: dict) -> str:
     lines.append(f"\nGap {gap}: " + ("not measured yet" if s is None else
                                      ("shrinks" if s else "does not shrink")
                                      + " from narrow to wide."))
-  lines += ["", "### Narrow (D = 64)", ""] + table_markdown(sm["narrow_table"])
+  lines += ["", f"### Narrow{_width(sm, 'narrow_full')}", ""] + table_markdown(sm["narrow_table"])
   lines += ["", "## Screening (one seed each, paired with B0 seed 0)", ""]
   bs = sm["bstar"]
   if bs:
