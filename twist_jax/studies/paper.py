@@ -22,6 +22,8 @@ import time
 from twist_jax import checkpoint, config as config_lib, data, deploy, evaluate, files, train
 from twist_jax.baselines import __main__ as baselines_cli
 from twist_jax.errors import UserError
+from twist_jax.experiments import BASE_FAMILIES
+from twist_jax.model import ModelConfig
 from twist_jax.studies import paper_arms as arms_lib, paper_eval, paper_report
 from twist_jax.studies.paper_arms import KAPPA, Arm
 
@@ -267,13 +269,17 @@ def run_references(st: Study, rec: dict) -> None:
 
 
 def estimate(st: Study) -> dict:
-  """A cost model (not a measurement): each arm's steps x seconds per A0-sized step scaled by its
-  step FLOPs, plus its evaluation; B* counted at three seeds (none run if no lever passes)."""
+  """A cost model (not a measurement): each arm's steps x seconds per step of A0 on the d128 full
+  base scaled by its step FLOPs, plus its evaluation; B* counted at three seeds (none run if no
+  lever passes)."""
   reused = lambda a: a.label in ("A0", "B0") and a.width == "wide" and a.seed == 0  # grid runs
   plan = arms_lib.grid_arms(st.s) + [a for a in arms_lib.main_arms(st.s) if not reused(a)]
   plan += arms_lib.bstar_arms(st.s, arms_lib.NESTEROV)
+  (d, h, k, f), _ = BASE_FAMILIES["d128"]["full"]  # sec_per_full_step's model, whatever --bases
+  ref = ModelConfig.uniform(n_layer=st.base_models["full"].n_layer, n_head=h, n_embd=d,
+                            n_inner=f, head_dim=k)
   a0 = config_lib.from_configdict(arms_lib.arm_configdict(
-      st.s, Arm("A0", "ddp"), "", st.base_models["full"], st.s["steps"], 1e-3))
+      st.s, Arm("A0", "ddp"), "", ref, st.s["steps"], 1e-3))
   per_a0 = arms_lib.step_flops(a0)["dense"] / a0.model.n_embd
   total = 0.0
   for arm in plan:

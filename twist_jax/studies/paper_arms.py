@@ -45,8 +45,9 @@ NESTEROV = LEVERS["nesterov"][0]
 
 
 def scale(quick: bool) -> dict:
-  """Budgets. `steps`: every wide arm's fine-tune steps (A0 ~2.8 steps/s on 2 idle cores: ~150 s
-  plus its evaluation); a multiple of 4R so the curve's 1/4 and 1/2 points are round ends."""
+  """Budgets. `steps`: every wide arm's fine-tune steps (A0 on the d128 full base ~2.8 steps/s on
+  2 idle cores, `sec_per_full_step`: ~150 s plus its evaluation); a multiple of 4R so the curve's
+  1/4 and 1/2 points are round ends."""
   if quick:
     return dict(steps=20, local_steps=5, batch=2, context=32, warmup=2, windows=16, samples=2,
                 seeds=1, lrs=(1e-3, 3e-3), calib=8, c1_seeds=1, sec_per_full_step=0.05,
