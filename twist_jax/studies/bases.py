@@ -5,8 +5,8 @@ with DDP on python_source (the stdlib's code), the repo's stand-in for pretraine
   python -m twist_jax.studies.bases --out results/bases_d64 --family d64   # half the widths
   python -m twist_jax.studies.bases --out /tmp/bases --quick     # tiny budget, ~2 min (CI)
 
-Each shape of the family (twist_jax/experiments.py BASE_FAMILIES) trains as a normal run in OUT/runs/<shape>
-(resumed if interrupted, skipped if finished); then OUT/<shape>/ is written by
+Each shape of the family (twist_jax/experiments.py BASE_FAMILIES) trains as a normal run in
+OUT/runs/<shape> (resumed if interrupted, skipped if finished); then OUT/<shape>/ is written by
 deploy.save_deployed, so a run starts from it with --config.init.from_run=OUT/<shape>. The
 full-width shapes also carry OUT/<shape>/hf, a Hugging Face GPT-2 folder (--config.init.hf=
 OUT/full/hf works, and so does transformers); the half shapes cannot: their 4 heads of 16 in a
@@ -124,8 +124,7 @@ def _copy_logs(workdir: str, dest: str) -> None:
       shutil.copyfile(os.path.join(workdir, name), os.path.join(dest, name))
 
 
-def base_record(shape: str, workdir: str, windows, train_tokens: int,
-                family: str = "d128") -> dict:
+def base_record(shape: str, workdir: str, windows, train_tokens: int) -> dict:
   """Size, budget, time and whole-validation loss of a finished base run."""
   params, meta = checkpoint.latest_params(workdir)
   model = ModelConfig.from_dict(meta["model"])
@@ -135,8 +134,8 @@ def base_record(shape: str, workdir: str, windows, train_tokens: int,
   tokens = steps * t["workers"] * resolved["data"]["batch_size"] * resolved["model"]["context"]
   n_params = sum(int(x.size) for x in jax.tree.leaves(params))
   loss = evaluate.mean_nll(params, model, windows, batch_size=EVAL_BATCH)
-  return dict(shape=shape, model=dict(zip(("n_embd", "n_head", "head_dim", "n_inner"),
-                                          BASE_FAMILIES[family][shape][0])),
+  return dict(shape=shape, model=dict(n_embd=model.n_embd, n_head=model.n_head[0],
+                                      head_dim=model.head_dim, n_inner=model.n_inner[0]),
               params=n_params, steps=steps, tokens=tokens,
               tokens_per_param=round(tokens / n_params, 2),
               epochs=round(tokens / train_tokens, 3), val_loss=round(float(loss), 5),
@@ -194,7 +193,7 @@ def make_bases(out: str, *, quick: bool = False, shapes=BASE_SHAPES, family: str
   records = {}
   for shape in shapes:
     workdir = train_base(shape, out, quick, family)
-    records[shape] = base_record(shape, workdir, windows, train_tokens, family)
+    records[shape] = base_record(shape, workdir, windows, train_tokens)
     _copy_logs(workdir, os.path.join(out, "logs", shape))
     export_base(shape, workdir, out, records[shape], command)
     print(f"base {shape}: val loss {records[shape]['val_loss']:.4f} "

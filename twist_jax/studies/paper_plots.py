@@ -43,7 +43,7 @@ def golden_tickets(state: dict, path: str) -> bool:
 def ppl_vs_sparsity(summary: dict, path: str) -> bool:
   """Mean PPL (over seeds) against sparsity for every row of the paper table."""
   rows = [r for r in summary["table"] if (len(r["cells"]) > 1 or "0.5" in r["cells"])
-          and not r["what"].startswith("= B0")]  # B* = B0 would hide B0's line
+          and not r["same_as"]]  # B* = B0 would hide B0's line
   if not rows:
     return False
   fig, ax = plt.subplots(figsize=(7.5, 4.5))

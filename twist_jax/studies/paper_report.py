@@ -60,14 +60,15 @@ def _refs(state: dict, width: str, label: str = "A0") -> dict:
 
 
 def paper_table(state: dict, width: str = "wide") -> list[dict]:
-  """Rows: {method, what, structured, deployable, cells: {"0"|"0.25"|"0.5"|"0.75": ppl stats}}.
-  Sparsity s of a random-subnet row is its kappa = 1 - s subnets."""
+  """Rows: {method, what, structured, deployable, same_as, cells: {"0"|"0.25"|"0.5"|"0.75": ppl
+  stats}}. Sparsity s of a random-subnet row is its kappa = 1 - s subnets; `same_as` names the
+  row label whose records a row repeats (B* when no lever won: "B0"), else None."""
   rows, table = _rows(state, width), []
 
-  def add(method, what, structured, cells):
+  def add(method, what, structured, cells, same_as=None):
     if cells:
       table.append({"method": method, "what": what, "structured": structured,
-                    "deployable": structured is not False, "cells": cells})
+                    "deployable": structured is not False, "same_as": same_as, "cells": cells})
   bstar = state.get("bstar") or {}
   star = ("TwIST + " + " + ".join(bstar["winners"]) if bstar.get("winners") else
           "= B0 (no lever passed)")
@@ -76,10 +77,12 @@ def paper_table(state: dict, width: str = "wide") -> list[dict]:
     recs = rows.get(label, [])
     if not recs:
       continue
-    add(f"{label} full model", what, None, {"0": _ppl_stats([r["eval"]["full"] for r in recs])})
+    same = "B0" if label == "B*" and recs is rows.get("B0") else None
+    add(f"{label} full model", what, None, {"0": _ppl_stats([r["eval"]["full"] for r in recs])},
+        same)
     if "random" in recs[0]["eval"]:
       add(f"{label} random subnets", f"{what}; zero-cost random attn_mlp subnets", True,
-          {f"{1 - k:g}": _ppl_stats([_sub(r, k) for r in recs]) for k in KAPPAS})
+          {f"{1 - k:g}": _ppl_stats([_sub(r, k) for r in recs]) for k in KAPPAS}, same)
   refs = _refs(state, width)
   for method in ("sparsegpt", "wanda", "magnitude") + STRUCTURED:
     cells = {f"{sp:g}": _ppl_stats(refs[(method, sp)]) for sp in SPARSITIES
